@@ -1,0 +1,667 @@
+//! The consumer runtime: subscribes a [`Handler`] to a queue and settles every
+//! delivery exactly once according to the handler's [`Outcome`].
+//!
+//! ```text
+//!  delivery ─▶ envelope check ──bad──▶ DLQ (reason) ─▶ ack
+//!                 │ ok
+//!                 ▼
+//!          handler (span "process <queue>", child of the message's trace)
+//!     Ack ─▶ ack
+//!     Retry ─▶ attempts left? ─yes─▶ Q.retry.<delay> (attempt+1) ─▶ ack
+//!                             └─no──▶ DLQ (reason, attempts) ─▶ ack
+//!     Reject / panic-free permanent failure ─▶ DLQ (reason) ─▶ ack
+//! ```
+//!
+//! Moving a message (to a retry queue or the DLQ) is a confirmed publish followed
+//! by the ack, so a crash in between duplicates, never loses; inbox dedup absorbs
+//! the duplicate. If the move fails the delivery is nacked back to the queue, where
+//! the queue's `x-delivery-limit` bounds how often that can happen.
+//!
+//! The runtime re-subscribes by itself after a reconnect and after a broker-side
+//! cancel (queue deleted), re-declaring the queue first. On shutdown it cancels the
+//! subscription, lets in-flight handlers finish and settle, then closes its channel
+//! (anything prefetched but not started returns to the queue).
+
+use std::{
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::{
+    Channel,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString},
+};
+use opentelemetry::Context;
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, field::Empty};
+
+use crate::{Backoff, Broker, OutgoingMessage, Publisher, QueueSpec, propagation};
+
+/// Upper bound for one ack, nack or channel close: the client library can leave
+/// such a call pending forever when the connection dies under it.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Header names the runtime writes when it moves a message.
+pub mod headers {
+    /// Handler runs that already failed (on messages in retry queues and DLQs).
+    pub const RETRY_COUNT: &str = "x-retry-count";
+    /// The last transient failure.
+    pub const LAST_ERROR: &str = "x-last-error";
+    /// Why the runtime dead-lettered the message.
+    pub const DEATH_REASON: &str = "x-death-reason";
+    /// Handler runs made before dead-lettering.
+    pub const ATTEMPTS: &str = "x-attempts";
+    /// Where the message was first published, kept across retries.
+    pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+    /// The queue whose consumer gave up on the message.
+    pub const FAILED_QUEUE: &str = "x-failed-queue";
+}
+
+/// What the handler decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done (or already done): acknowledge.
+    Ack,
+    /// A transient failure: try again later, with a growing delay.
+    Retry(String),
+    /// A permanent failure (bad payload, unknown type, invariant broken): DLQ now.
+    Reject(String),
+}
+
+/// A delivery whose envelope has been checked.
+#[derive(Debug)]
+pub struct IncomingMessage {
+    pub queue: String,
+    pub message_id: String,
+    pub message_type: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+    pub headers: FieldTable,
+    pub correlation_id: Option<String>,
+    pub app_id: Option<String>,
+    pub timestamp: Option<u64>,
+    /// 1 on the first handler run; grows with each retry.
+    pub attempt: u32,
+    /// The broker redelivered it (a previous consumer died before settling).
+    pub redelivered: bool,
+    /// The producer's trace context (empty when absent or malformed).
+    pub trace_context: Context,
+}
+
+/// Processes one message. Runs inside the consumer span; must not assume it runs
+/// only once per message (use the inbox for effects).
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, message: IncomingMessage) -> impl Future<Output = Outcome> + Send;
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsumerOptions {
+    /// Unacknowledged deliveries the broker may push ahead (basic.qos).
+    pub prefetch: u16,
+    /// Handlers running at once.
+    pub concurrency: usize,
+    /// Name stamped on moved messages and the consumer tag.
+    pub app_id: String,
+    /// Delay between re-subscribe attempts.
+    pub backoff: Backoff,
+    /// Larger bodies are dead-lettered unread (no handler is asked to decode them).
+    pub max_body: usize,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        Self {
+            prefetch: 32,
+            concurrency: 8,
+            app_id: "shop".to_owned(),
+            backoff: Backoff::default(),
+            max_body: 1024 * 1024,
+        }
+    }
+}
+
+/// Counters of one consumer since startup.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    pub acked: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Deliveries sent back to the queue because settling failed.
+    pub requeued: AtomicU64,
+    pub subscriptions: AtomicU64,
+    /// Sum of handler run times, microseconds (with `handled`, gives the mean).
+    pub handler_micros: AtomicU64,
+    pub handled: AtomicU64,
+}
+
+/// A running consumer.
+#[derive(Debug)]
+pub struct ConsumerHandle {
+    queue: String,
+    subscribed: Arc<AtomicBool>,
+    stats: Arc<ConsumerStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A cheap, cloneable view of a running consumer (for readiness and metrics).
+#[derive(Clone, Debug)]
+pub struct ConsumerProbe {
+    pub queue: String,
+    subscribed: Arc<AtomicBool>,
+    pub stats: Arc<ConsumerStats>,
+}
+
+impl ConsumerProbe {
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Relaxed)
+    }
+}
+
+impl ConsumerHandle {
+    pub fn probe(&self) -> ConsumerProbe {
+        ConsumerProbe {
+            queue: self.queue.clone(),
+            subscribed: self.subscribed.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// True while subscribed to its queue (for readiness).
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
+    }
+
+    /// Waits until the consumer stopped (after its shutdown token fired).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+struct Runtime<H> {
+    broker: Broker,
+    publisher: Publisher,
+    queue: QueueSpec,
+    options: ConsumerOptions,
+    handler: Arc<H>,
+    subscribed: Arc<AtomicBool>,
+    stats: Arc<ConsumerStats>,
+    shutdown: CancellationToken,
+}
+
+/// Starts consuming `queue` with `handler` until `shutdown` fires.
+pub fn spawn_consumer<H: Handler>(
+    broker: Broker,
+    queue: QueueSpec,
+    options: ConsumerOptions,
+    handler: H,
+    shutdown: CancellationToken,
+) -> ConsumerHandle {
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(ConsumerStats::default());
+    let runtime = Arc::new(Runtime {
+        publisher: Publisher::new(broker.clone(), options.app_id.clone()),
+        broker,
+        queue: queue.clone(),
+        options,
+        handler: Arc::new(handler),
+        subscribed: subscribed.clone(),
+        stats: stats.clone(),
+        shutdown,
+    });
+    ConsumerHandle {
+        queue: queue.name,
+        subscribed,
+        stats,
+        task: tokio::spawn(runtime.run()),
+    }
+}
+
+enum End {
+    Shutdown,
+    /// The broker cancelled the subscription (queue deleted) or the stream ended.
+    Cancelled,
+    Failed(lapin::Error),
+    /// The connection went away (the stream may not have noticed yet).
+    Lost,
+}
+
+impl<H: Handler> Runtime<H> {
+    async fn run(self: Arc<Self>) {
+        let mut failures = 0u32;
+        loop {
+            let link = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                link = self.broker.connected() => match link { Some(l) => l, None => return },
+            };
+            let Some(connection) = link.connection else {
+                continue;
+            };
+            let generation = link.generation;
+            let subscribed = tokio::select! {
+                subscribed = self.subscribe(&connection) => subscribed.map_err(|e| e.to_string()),
+                () = self.broker.lost(generation) => Err("the connection was lost while subscribing".to_owned()),
+            };
+            match subscribed {
+                Err(error) => {
+                    tracing::warn!(queue = %self.queue.name, %error, "subscribe failed; retrying");
+                }
+                Ok((channel, consumer)) => {
+                    failures = 0;
+                    self.subscribed.store(true, Ordering::Relaxed);
+                    self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(queue = %self.queue.name, "consumer subscribed");
+                    let mut in_flight = JoinSet::new();
+                    let end = tokio::select! {
+                        end = self.consume(consumer, &mut in_flight) => end,
+                        () = self.broker.lost(generation) => End::Lost,
+                    };
+                    self.subscribed.store(false, Ordering::Relaxed);
+                    match &end {
+                        End::Shutdown => {
+                            let _ = channel
+                                .basic_cancel(
+                                    self.tag(&channel).as_str().into(),
+                                    BasicCancelOptions::default(),
+                                )
+                                .await;
+                        }
+                        End::Cancelled if connection.status().connected() => tracing::warn!(
+                            queue = %self.queue.name,
+                            "subscription cancelled by the broker (queue deleted?); re-declaring and re-subscribing"
+                        ),
+                        End::Cancelled => {}
+                        End::Failed(error) => {
+                            tracing::warn!(queue = %self.queue.name, %error, "consumer stream failed; re-subscribing");
+                        }
+                        End::Lost => {
+                            tracing::warn!(queue = %self.queue.name, "connection lost; re-subscribing after reconnect");
+                        }
+                    }
+                    if matches!(end, End::Shutdown) {
+                        // In-flight handlers finish and settle before the channel goes.
+                        while in_flight.join_next().await.is_some() {}
+                        let _ = tokio::time::timeout(
+                            SETTLE_TIMEOUT,
+                            channel.close(200, "consumer stopped".into()),
+                        )
+                        .await;
+                        tracing::info!(queue = %self.queue.name, "consumer stopped");
+                        return;
+                    }
+                    // The old channel is gone: its deliveries come back to whoever
+                    // subscribes next, so do not wait for their settlement here.
+                    in_flight.detach_all();
+                }
+            }
+            let delay = self.options.backoff.delay(failures);
+            failures = failures.saturating_add(1);
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn tag(&self, channel: &Channel) -> String {
+        format!(
+            "{}.{}.{}",
+            self.options.app_id,
+            self.queue.name,
+            channel.id()
+        )
+    }
+
+    async fn subscribe(
+        &self,
+        connection: &lapin::Connection,
+    ) -> lapin::Result<(Channel, lapin::Consumer)> {
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(self.options.prefetch, BasicQosOptions::default())
+            .await?;
+        // Re-declaring makes a deleted queue come back with its bindings.
+        self.queue.declare(&channel).await?;
+        let consumer = channel
+            .basic_consume(
+                self.queue.name.as_str().into(),
+                self.tag(&channel).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((channel, consumer))
+    }
+
+    async fn consume(
+        self: &Arc<Self>,
+        mut consumer: lapin::Consumer,
+        in_flight: &mut JoinSet<()>,
+    ) -> End {
+        let limit = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        loop {
+            while in_flight.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                () = self.shutdown.cancelled() => return End::Shutdown,
+                permit = limit.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => return End::Shutdown,
+                },
+            };
+            let next = tokio::select! {
+                () = self.shutdown.cancelled() => return End::Shutdown,
+                next = consumer.next() => next,
+            };
+            match next {
+                None => return End::Cancelled,
+                Some(Err(error)) => return End::Failed(error),
+                Some(Ok(delivery)) => {
+                    let runtime = self.clone();
+                    in_flight.spawn(async move {
+                        runtime.process(delivery).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+
+    async fn process(&self, delivery: Delivery) {
+        let message = match self.envelope(&delivery) {
+            Ok(message) => message,
+            Err(reason) => {
+                tracing::warn!(queue = %self.queue.name, %reason, "poison message; dead-lettering");
+                self.dead_letter(&delivery, &reason, 0).await;
+                return;
+            }
+        };
+        let span = consumer_span(&message);
+        propagation::set_parent(&span, message.trace_context.clone());
+        propagation::tag_correlation(&span, message.correlation_id.as_deref());
+        let attempt = message.attempt;
+        let started = Instant::now();
+        let outcome = AssertUnwindSafe(self.handler.handle(message).instrument(span.clone()))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Outcome::Retry("handler panicked".to_owned()));
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats
+            .handler_micros
+            .fetch_add(micros, Ordering::Relaxed);
+        self.stats.handled.fetch_add(1, Ordering::Relaxed);
+        async {
+            match outcome {
+                Outcome::Ack => {
+                    tracing::Span::current().record("shop.outcome", "ack");
+                    crate::faults::crash_point(crate::faults::points::CONSUMER_BEFORE_ACK);
+                    self.ack(&delivery).await;
+                }
+                Outcome::Retry(reason) if attempt < self.queue.retry.max_attempts => {
+                    tracing::Span::current().record("shop.outcome", "retry");
+                    self.retry(&delivery, &reason, attempt).await;
+                }
+                Outcome::Retry(reason) => {
+                    tracing::Span::current().record("shop.outcome", "dead-lettered");
+                    let reason = format!("gave up after {attempt} attempts: {reason}");
+                    self.dead_letter(&delivery, &reason, attempt).await;
+                }
+                Outcome::Reject(reason) => {
+                    tracing::Span::current().record("shop.outcome", "dead-lettered");
+                    self.dead_letter(&delivery, &reason, attempt).await;
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Checks what every message must carry; a failure is permanent.
+    fn envelope(&self, delivery: &Delivery) -> Result<IncomingMessage, String> {
+        let properties = &delivery.properties;
+        let message_id = properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .filter(|s| !s.is_empty())
+            .ok_or("missing message_id")?;
+        let message_type = properties
+            .kind()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .filter(|s| !s.is_empty())
+            .ok_or("missing type")?;
+        if delivery.data.len() > self.options.max_body {
+            return Err(format!(
+                "body of {} bytes exceeds the limit of {} bytes",
+                delivery.data.len(),
+                self.options.max_body
+            ));
+        }
+        let headers = properties.headers().clone().unwrap_or_default();
+        let retried = header_u32(&headers, headers::RETRY_COUNT).unwrap_or(0);
+        let exchange = header_str(&headers, headers::ORIGINAL_EXCHANGE)
+            .unwrap_or_else(|| delivery.exchange.as_str().to_owned());
+        let routing_key = header_str(&headers, headers::ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
+        Ok(IncomingMessage {
+            queue: self.queue.name.clone(),
+            trace_context: propagation::extract(Some(&headers)),
+            message_id,
+            message_type,
+            exchange,
+            routing_key,
+            payload: delivery.data.clone(),
+            headers,
+            correlation_id: properties
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned()),
+            app_id: properties.app_id().as_ref().map(|s| s.as_str().to_owned()),
+            timestamp: *properties.timestamp(),
+            attempt: retried.saturating_add(1),
+            redelivered: delivery.redelivered,
+        })
+    }
+
+    async fn ack(&self, delivery: &Delivery) {
+        let ack = delivery.acker.ack(BasicAckOptions::default());
+        match tokio::time::timeout(SETTLE_TIMEOUT, ack).await {
+            Ok(Ok(_)) => {
+                self.stats.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(error)) => tracing::warn!(
+                queue = %self.queue.name, %error,
+                "ack failed; the broker will redeliver the message"
+            ),
+            Err(_) => tracing::warn!(
+                queue = %self.queue.name,
+                "ack timed out; the broker will redeliver the message"
+            ),
+        }
+    }
+
+    async fn requeue(&self, delivery: &Delivery, why: &str) {
+        self.stats.requeued.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(queue = %self.queue.name, why, "returning the message to its queue");
+        let options = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        match tokio::time::timeout(SETTLE_TIMEOUT, delivery.acker.nack(options)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(queue = %self.queue.name, %error, "nack failed; the broker will redeliver the message");
+            }
+            Err(_) => {
+                tracing::warn!(queue = %self.queue.name, "nack timed out; the broker will redeliver the message")
+            }
+        }
+    }
+
+    async fn retry(&self, delivery: &Delivery, reason: &str, attempt: u32) {
+        let delay = self
+            .queue
+            .retry
+            .delay_after(attempt)
+            .unwrap_or(Duration::from_secs(1));
+        let mut copy = self.copy(delivery, "", &self.queue.retry_queue_name(delay));
+        set_header(
+            &mut copy.headers,
+            headers::RETRY_COUNT,
+            AMQPValue::LongLongInt(i64::from(attempt)),
+        );
+        set_str(&mut copy.headers, headers::LAST_ERROR, reason);
+        tracing::info!(queue = %self.queue.name, attempt, ?delay, %reason, "transient failure; retrying later");
+        match self.publisher.publish(&copy).await {
+            Ok(()) => {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                self.ack(delivery).await;
+            }
+            Err(error) => {
+                self.requeue(delivery, &format!("scheduling the retry failed: {error}"))
+                    .await
+            }
+        }
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str, attempts: u32) {
+        let mut copy = self.copy(delivery, &self.queue.dead_letter_exchange, &self.queue.name);
+        set_str(&mut copy.headers, headers::DEATH_REASON, reason);
+        set_header(
+            &mut copy.headers,
+            headers::ATTEMPTS,
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        set_str(&mut copy.headers, headers::FAILED_QUEUE, &self.queue.name);
+        tracing::warn!(queue = %self.queue.name, %reason, attempts, "dead-lettering message");
+        match self.publisher.publish(&copy).await {
+            Ok(()) => {
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                self.ack(delivery).await;
+            }
+            Err(error) => {
+                self.requeue(delivery, &format!("dead-lettering failed: {error}"))
+                    .await
+            }
+        }
+    }
+
+    /// The delivery as a new message for `exchange`/`routing_key`, envelope and
+    /// headers kept, and its first destination remembered.
+    fn copy(&self, delivery: &Delivery, exchange: &str, routing_key: &str) -> OutgoingMessage {
+        let properties = &delivery.properties;
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        if header_str(&headers, headers::ORIGINAL_EXCHANGE).is_none() {
+            set_str(
+                &mut headers,
+                headers::ORIGINAL_EXCHANGE,
+                delivery.exchange.as_str(),
+            );
+            set_str(
+                &mut headers,
+                headers::ORIGINAL_ROUTING_KEY,
+                delivery.routing_key.as_str(),
+            );
+        }
+        // The trace context travels as a header already; keep it as it was.
+        let parent = propagation::extract(Some(&headers));
+        let mut message = OutgoingMessage::new(
+            exchange,
+            routing_key,
+            properties
+                .kind()
+                .as_ref()
+                .map(|s| s.as_str())
+                .unwrap_or_default(),
+            delivery.data.clone(),
+        );
+        message.message_id = properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default();
+        message.content_type = properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default();
+        message.correlation_id = properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned());
+        message.timestamp = *properties.timestamp();
+        message.headers = headers;
+        message.parent = Some(parent);
+        message
+    }
+}
+
+fn consumer_span(message: &IncomingMessage) -> tracing::Span {
+    tracing::info_span!(
+        "process",
+        otel.name = %format!("process {}", message.queue),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %message.exchange,
+        messaging.destination.subscription.name = %message.queue,
+        messaging.rabbitmq.destination.routing_key = %message.routing_key,
+        messaging.message.id = %message.message_id,
+        messaging.message.conversation_id = message.correlation_id.as_deref(),
+        messaging.message.body.size = message.payload.len(),
+        shop.message_type = %message.message_type,
+        shop.attempt = message.attempt,
+        shop.outcome = Empty,
+    )
+}
+
+fn set_header(headers: &mut FieldTable, key: &str, value: AMQPValue) {
+    headers.insert(key.into(), value);
+}
+
+fn set_str(headers: &mut FieldTable, key: &str, value: &str) {
+    // Bound what a reason can add to a message.
+    let value: String = value.chars().take(1024).collect();
+    headers.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+}
+
+/// A string header, however the producer encoded it.
+pub fn header_str(headers: &FieldTable, key: &str) -> Option<String> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// A non-negative integer header, however the producer encoded it.
+pub fn header_u32(headers: &FieldTable, key: &str) -> Option<u32> {
+    let value: i64 = match headers.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::LongLongInt(v) => *v,
+        _ => return None,
+    };
+    u32::try_from(value).ok()
+}

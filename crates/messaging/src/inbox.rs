@@ -1,0 +1,115 @@
+//! The idempotent inbox: a consumer's handler runs inside one transaction that
+//! first records `(consumer, message_id)`. A message seen before skips the
+//! handler; the handler's own rows and outbox events commit together with the
+//! record, so "consume, change state, emit the next event" is atomic. The caller
+//! acks only after this returns.
+//!
+//! Two deliveries of one message racing each other serialize on the primary key:
+//! the second insert waits for the first transaction and then finds the row (or,
+//! if the first rolled back, takes over).
+
+use futures_util::future::BoxFuture;
+use sqlx::{PgConnection, PgPool};
+
+/// What happened to a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Processed<T> {
+    /// The handler ran and its transaction committed.
+    Done(T),
+    /// The message was processed before; the handler did not run.
+    Duplicate,
+}
+
+#[derive(Clone, Debug)]
+pub struct Inbox {
+    pool: PgPool,
+    consumer: String,
+}
+
+impl Inbox {
+    /// `consumer` names the logical consumer (e.g. the queue): the same message
+    /// may be processed once by each consumer.
+    pub fn new(pool: PgPool, consumer: impl Into<String>) -> Self {
+        Self {
+            pool,
+            consumer: consumer.into(),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Runs `work` once per message id. On `Err` nothing of it persists (nor the
+    /// inbox record), so a retry runs it again.
+    #[tracing::instrument(skip_all, fields(messaging.consumer.group.name = %self.consumer, messaging.message.id = %message_id))]
+    pub async fn process<T, E, F>(&self, message_id: &str, work: F) -> Result<Processed<T>, E>
+    where
+        E: From<sqlx::Error>,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, E>>,
+    {
+        let mut tx = self.pool.begin().await?;
+        let fresh = sqlx::query(
+            "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2)
+             ON CONFLICT (consumer, message_id) DO NOTHING",
+        )
+        .bind(&self.consumer)
+        .bind(message_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !fresh {
+            tx.rollback().await?;
+            tracing::debug!("duplicate message skipped");
+            return Ok(Processed::Duplicate);
+        }
+        let value = work(&mut tx).await?;
+        tx.commit().await?;
+        Ok(Processed::Done(value))
+    }
+}
+
+/// Deletes inbox records older than `retention`, in bounded chunks. Keep the
+/// retention longer than any redelivery can take (DLQ replays included).
+pub async fn cleanup(pool: &PgPool, retention: std::time::Duration) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    loop {
+        let deleted = sqlx::query(
+            "DELETE FROM inbox WHERE ctid IN (
+                 SELECT ctid FROM inbox
+                 WHERE processed_at < now() - make_interval(secs => $1)
+                 LIMIT 5000)",
+        )
+        .bind(retention.as_secs_f64())
+        .execute(pool)
+        .await?
+        .rows_affected();
+        total += deleted;
+        if deleted < 5000 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Runs [`cleanup`] every `every` until `shutdown` fires.
+pub fn spawn_cleanup(
+    pool: PgPool,
+    retention: std::time::Duration,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            match cleanup(&pool, retention).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::debug!(deleted, "inbox records past retention deleted"),
+                Err(error) => tracing::warn!(%error, "inbox cleanup failed"),
+            }
+        }
+    })
+}

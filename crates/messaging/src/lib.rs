@@ -1,0 +1,43 @@
+//! Messaging over RabbitMQ, generic and free of any shop knowledge.
+//!
+//! ```text
+//!  settings ─▶ Broker (one supervised connection, topology re-declared on reconnect)
+//!                ├─▶ Publisher   confirmed, mandatory, batched publishing
+//!                └─▶ consumer    Handler → Outcome; retries, DLQ, re-subscribe
+//!  propagation: W3C trace context in AMQP headers, producer/consumer spans
+//!
+//!  Postgres half:
+//!  outbox::enqueue(tx, event) ─▶ outbox row (+ trace context, NOTIFY on commit)
+//!  relay    claims rows (SKIP LOCKED), publishes with confirms, marks confirmed rows
+//!  Inbox::process(id, work)   dedup record + handler work in one transaction
+//!  migrations                 embedded, own history table
+//! ```
+
+mod backoff;
+mod connection;
+pub mod consumer;
+pub mod faults;
+pub mod inbox;
+pub mod migrations;
+pub mod outbox;
+pub mod propagation;
+mod publisher;
+mod relay;
+mod settings;
+pub mod topology;
+
+pub use backoff::Backoff;
+pub use connection::{Broker, ConnectError};
+pub use consumer::{
+    ConsumerHandle, ConsumerOptions, ConsumerProbe, ConsumerStats, Handler, IncomingMessage,
+    Outcome, spawn_consumer,
+};
+pub use inbox::{Inbox, Processed};
+pub use outbox::{NewMessage, enqueue};
+pub use publisher::{CONTENT_TYPE_PROTOBUF, OutgoingMessage, PublishError, Publisher};
+pub use relay::{RelayHandle, RelayOptions, RelayProbe, RelayStatus, spawn_relay};
+pub use settings::{AmqpSettings, InvalidUrl};
+pub use topology::{ExchangeBinding, ExchangeSpec, ExchangeType, QueueSpec, RetryPolicy, Topology};
+
+/// Re-exported so callers can build headers without depending on lapin directly.
+pub use lapin::types::{AMQPValue, FieldTable};

@@ -1,0 +1,12 @@
+//! Integration tests of the messaging crate against the real RabbitMQ and
+//! PostgreSQL (`DATABASE_URL`, default postgres on 127.0.0.1:5432)
+//! and RabbitMQ (`AMQP_URL`, default guest on 127.0.0.1:5672). Every test declares its own
+//! uniquely named exchanges, queues and database and deletes them at the end.
+
+mod consume;
+mod inbox;
+mod outbox;
+mod preflight;
+mod publish;
+mod recovery;
+mod support;

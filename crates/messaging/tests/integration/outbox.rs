@@ -1,0 +1,494 @@
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use messaging::{
+    Broker, ConsumerOptions, Handler, Inbox, IncomingMessage, NewMessage, Outcome, Processed,
+    Publisher, enqueue, spawn_consumer, spawn_relay,
+};
+use opentelemetry::{
+    Context,
+    trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::support::{self, Names};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_committed_event_is_published_once_with_the_row_id_and_the_trace_of_its_writer() {
+    let db = support::database().await;
+    let names = Names::new(support::fast_retry(3));
+    let broker = support::broker(&names).await;
+    let shutdown = CancellationToken::new();
+    let relay = spawn_relay(
+        db.pool.clone(),
+        Publisher::new(broker.clone(), "test"),
+        support::fast_relay(),
+        shutdown.clone(),
+    );
+    let trace_id = TraceId::from(0x5af7651916cd43dd8448eb211c80319cu128);
+    let request = tracing::info_span!("POST /orders");
+    let _ = request.set_parent(Context::new().with_remote_span_context(SpanContext::new(
+        trace_id,
+        SpanId::from(0x1111111111111111u64),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    )));
+
+    let id = async {
+        let mut tx = db.pool.begin().await.expect("begin");
+        let id = enqueue(
+            &mut tx,
+            NewMessage::new(&names.exchange, "order.placed", "shop.T", b"body".to_vec())
+                .correlated("o-1"),
+        )
+        .await
+        .expect("enqueue");
+        tx.commit().await.expect("commit");
+        id
+    }
+    .instrument(request)
+    .await;
+
+    let (_conn, ch) = support::raw_channel().await;
+    let got = testkit::wait_for("the event published", Duration::from_secs(10), || async {
+        support::get(&ch, &names.queue.name).await
+    })
+    .await;
+    let p = &got.delivery.properties;
+    assert_eq!(
+        p.message_id().as_ref().map(|s| s.to_string()),
+        Some(id.to_string()),
+        "message id = row id"
+    );
+    assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), Some("o-1"));
+    let headers = p.headers().clone().expect("headers");
+    let traceparent =
+        messaging::consumer::header_str(&headers, "traceparent").expect("traceparent");
+    assert_eq!(
+        traceparent.split('-').nth(1),
+        Some(trace_id.to_string().as_str()),
+        "the writer's trace"
+    );
+    // Exactly once: the relay goes on polling and publishes nothing more.
+    let rounds = relay.status().rounds;
+    testkit::wait_until(
+        "three more relay rounds",
+        Duration::from_secs(10),
+        || async { relay.status().rounds >= rounds + 3 },
+    )
+    .await;
+    assert!(
+        support::get(&ch, &names.queue.name).await.is_none(),
+        "published twice"
+    );
+    assert_eq!(
+        support::count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(relay.status().backlog, 0);
+    shutdown.cancel();
+    relay.join().await;
+    names.cleanup().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolled_back_transaction_never_publishes() {
+    let db = support::database().await;
+    let names = Names::new(support::fast_retry(3));
+    let broker = support::broker(&names).await;
+    let shutdown = CancellationToken::new();
+    let relay = spawn_relay(
+        db.pool.clone(),
+        Publisher::new(broker.clone(), "test"),
+        support::fast_relay(),
+        shutdown.clone(),
+    );
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    enqueue(
+        &mut tx,
+        NewMessage::new(&names.exchange, "rolled.back", "t", vec![]),
+    )
+    .await
+    .expect("enqueue");
+    tx.rollback().await.expect("rollback");
+    let marker = support::commit_event(&db.pool, &names.exchange, "marker").await;
+
+    let (_conn, ch) = support::raw_channel().await;
+    let got = testkit::wait_for("the marker published", Duration::from_secs(10), || async {
+        support::get(&ch, &names.queue.name).await
+    })
+    .await;
+    assert_eq!(got.delivery.routing_key.as_str(), "marker");
+    assert_eq!(
+        got.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string()),
+        Some(marker.to_string())
+    );
+    let rounds = relay.status().rounds;
+    testkit::wait_until(
+        "three more relay rounds",
+        Duration::from_secs(10),
+        || async { relay.status().rounds >= rounds + 3 },
+    )
+    .await;
+    assert!(
+        support::get(&ch, &names.queue.name).await.is_none(),
+        "the rolled back event was published"
+    );
+    assert_eq!(
+        support::count(&db.pool, "SELECT count(*) FROM outbox").await,
+        1
+    );
+    shutdown.cancel();
+    relay.join().await;
+    names.cleanup().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_broker_unreachable_the_commit_succeeds_and_the_event_goes_out_when_it_returns() {
+    let db = support::database().await;
+    let names = Names::new(support::fast_retry(3));
+    support::init_tracing();
+    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
+        .await
+        .expect("proxy");
+    let broker = Broker::connect(
+        support::settings().with_host_port("127.0.0.1", proxy.port()),
+        names.topology(),
+    )
+    .await
+    .expect("connect");
+    let shutdown = CancellationToken::new();
+    let relay = spawn_relay(
+        db.pool.clone(),
+        Publisher::new(broker.clone(), "test"),
+        support::fast_relay(),
+        shutdown.clone(),
+    );
+    proxy.block();
+    testkit::wait_until("disconnected", Duration::from_secs(10), || async {
+        !broker.is_connected()
+    })
+    .await;
+
+    let id = support::commit_event(&db.pool, &names.exchange, "during.outage").await;
+
+    testkit::wait_until(
+        "the relay to try and fail",
+        Duration::from_secs(10),
+        || async { relay.status().last_error.is_some() },
+    )
+    .await;
+    assert_eq!(relay.status().backlog, 1, "kept, not dropped");
+    proxy.restore();
+    let (_conn, ch) = support::raw_channel().await;
+    let got = testkit::wait_for(
+        "published after the broker returned",
+        Duration::from_secs(20),
+        || async { support::get(&ch, &names.queue.name).await },
+    )
+    .await;
+    assert_eq!(
+        got.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string()),
+        Some(id.to_string())
+    );
+    testkit::wait_until("marked", Duration::from_secs(10), || async {
+        support::count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+        )
+        .await
+            == 0
+    })
+    .await;
+    assert!(
+        support::count(&db.pool, "SELECT max(attempts)::bigint FROM outbox").await >= 1,
+        "attempts are counted"
+    );
+    shutdown.cancel();
+    relay.join().await;
+    names.cleanup().await;
+    db.drop_db().await;
+}
+
+/// Applies each message's effect through the inbox and logs every delivery.
+struct Effect {
+    inbox: Inbox,
+    deliveries: Arc<Mutex<Vec<String>>>,
+}
+
+impl Handler for Effect {
+    async fn handle(&self, message: IncomingMessage) -> Outcome {
+        self.deliveries
+            .lock()
+            .expect("log")
+            .push(message.message_id.clone());
+        let id = message.message_id.clone();
+        let result = self
+            .inbox
+            .process(&message.message_id, |tx| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
+                        .bind(id)
+                        .execute(tx)
+                        .await?;
+                    Ok::<_, sqlx::Error>(())
+                })
+            })
+            .await;
+        match result {
+            Ok(Processed::Done(()) | Processed::Duplicate) => Outcome::Ack,
+            Err(e) => Outcome::Retry(e.to_string()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_between_confirm_and_mark_republishes_the_same_id_and_the_inbox_applies_it_once()
+{
+    let db = support::database().await;
+    let names = Names::new(support::fast_retry(3));
+    let broker = support::broker(&names).await;
+    let shutdown = CancellationToken::new();
+    let options = support::fast_relay();
+    options.fail_after_confirm.store(1, Ordering::SeqCst);
+    let relay = spawn_relay(
+        db.pool.clone(),
+        Publisher::new(broker.clone(), "test"),
+        options.clone(),
+        shutdown.clone(),
+    );
+    let deliveries = Arc::new(Mutex::new(Vec::new()));
+    let consumer = spawn_consumer(
+        broker.clone(),
+        names.queue.clone(),
+        ConsumerOptions {
+            app_id: "test".into(),
+            ..Default::default()
+        },
+        Effect {
+            inbox: Inbox::new(db.pool.clone(), "test-consumer"),
+            deliveries: deliveries.clone(),
+        },
+        shutdown.clone(),
+    );
+
+    let id = support::commit_event(&db.pool, &names.exchange, "k").await;
+
+    testkit::wait_until(
+        "two deliveries of the event",
+        Duration::from_secs(15),
+        || async { deliveries.lock().expect("log").len() >= 2 },
+    )
+    .await;
+    assert_eq!(
+        options.fail_after_confirm.load(Ordering::SeqCst),
+        0,
+        "the fault fired"
+    );
+    testkit::wait_until(
+        "marked after the republish",
+        Duration::from_secs(10),
+        || async { relay.status().backlog == 0 },
+    )
+    .await;
+    let seen = deliveries.lock().expect("log").clone();
+    assert_eq!(
+        seen,
+        vec![id.to_string(), id.to_string()],
+        "republished with the same id"
+    );
+    assert_eq!(
+        support::count(&db.pool, "SELECT count(*) FROM effects").await,
+        1,
+        "effect applied once"
+    );
+    shutdown.cancel();
+    relay.join().await;
+    consumer.join().await;
+    names.cleanup().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_relays_on_one_table_under_load_publish_every_row_exactly_once() {
+    let db = support::database().await;
+    let names = Names::new(support::fast_retry(3));
+    let shutdown = CancellationToken::new();
+    let mut relays = Vec::new();
+    for _ in 0..2 {
+        let broker = support::broker(&names).await;
+        let options = messaging::RelayOptions {
+            batch_size: 100,
+            ..support::fast_relay()
+        };
+        relays.push(spawn_relay(
+            db.pool.clone(),
+            Publisher::new(broker, "test"),
+            options,
+            shutdown.clone(),
+        ));
+    }
+    let consumer_broker = support::broker(&names).await;
+    let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
+    struct Count(Arc<Mutex<HashMap<String, u32>>>);
+    impl Handler for Count {
+        async fn handle(&self, message: IncomingMessage) -> Outcome {
+            *self
+                .0
+                .lock()
+                .expect("map")
+                .entry(message.message_id)
+                .or_default() += 1;
+            Outcome::Ack
+        }
+    }
+    let consumer = spawn_consumer(
+        consumer_broker,
+        names.queue.clone(),
+        ConsumerOptions {
+            prefetch: 200,
+            concurrency: 16,
+            app_id: "test".into(),
+            ..Default::default()
+        },
+        Count(seen.clone()),
+        shutdown.clone(),
+    );
+
+    // Four writers commit 4 000 rows in transactions of ten while both relays run.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let pool = db.pool.clone();
+            let exchange = names.exchange.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for t in 0..100 {
+                    let mut tx = pool.begin().await.expect("begin");
+                    for i in 0..10 {
+                        let message = NewMessage::new(
+                            &exchange,
+                            format!("w{w}.t{t}.{i}"),
+                            "t",
+                            vec![0u8; 256],
+                        );
+                        ids.push(
+                            enqueue(&mut tx, message)
+                                .await
+                                .expect("enqueue")
+                                .to_string(),
+                        );
+                    }
+                    tx.commit().await.expect("commit");
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut expected = Vec::new();
+    for writer in writers {
+        expected.extend(writer.await.expect("writer"));
+    }
+
+    testkit::wait_until("every row consumed", Duration::from_secs(60), || async {
+        seen.lock().expect("map").len() == expected.len()
+    })
+    .await;
+    testkit::wait_until("both relays idle", Duration::from_secs(10), || async {
+        relays.iter().all(|r| r.status().backlog == 0)
+    })
+    .await;
+    let seen = seen.lock().expect("map").clone();
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "published more than once: {twice:?}");
+    assert!(
+        expected.iter().all(|id| seen.contains_key(id)),
+        "a row was lost"
+    );
+    let published: u64 = relays.iter().map(|r| r.status().published).sum();
+    assert_eq!(published, expected.len() as u64);
+    shutdown.cancel();
+    for relay in relays {
+        relay.join().await;
+    }
+    consumer.join().await;
+    names.cleanup().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn published_rows_past_retention_are_deleted_and_unpublished_ones_kept() {
+    let db = support::database().await;
+    let names = Names::new(support::fast_retry(3));
+    let broker = support::broker(&names).await;
+    // Rows for an exchange that does not exist stay unpublished.
+    let stuck = {
+        let mut tx = db.pool.begin().await.expect("begin");
+        let id = enqueue(&mut tx, NewMessage::new(&names.dlx, "nowhere", "t", vec![]))
+            .await
+            .expect("enqueue");
+        tx.commit().await.expect("commit");
+        id
+    };
+    for _ in 0..3 {
+        support::commit_event(&db.pool, &names.exchange, "k").await;
+    }
+    let shutdown = CancellationToken::new();
+    let options = messaging::RelayOptions {
+        retention: Duration::ZERO,
+        cleanup_every: Duration::from_millis(50),
+        ..support::fast_relay()
+    };
+    let relay = spawn_relay(
+        db.pool.clone(),
+        Publisher::new(broker.clone(), "test"),
+        options,
+        shutdown.clone(),
+    );
+
+    testkit::wait_until(
+        "published rows deleted",
+        Duration::from_secs(10),
+        || async { support::count(&db.pool, "SELECT count(*) FROM outbox").await == 1 },
+    )
+    .await;
+    let left: uuid::Uuid = sqlx::query_scalar("SELECT id FROM outbox")
+        .fetch_one(&db.pool)
+        .await
+        .expect("row");
+    assert_eq!(left, stuck, "the unroutable row is kept");
+    let (attempts, error): (i32, Option<String>) =
+        sqlx::query_as("SELECT attempts, last_error FROM outbox")
+            .fetch_one(&db.pool)
+            .await
+            .expect("row");
+    assert!(attempts >= 1);
+    assert!(
+        error.is_some_and(|e| e.contains("unroutable")),
+        "the reason is recorded"
+    );
+    shutdown.cancel();
+    relay.join().await;
+    names.cleanup().await;
+    db.drop_db().await;
+}

@@ -1,0 +1,239 @@
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use lapin::options::QueueDeleteOptions;
+use messaging::{
+    Broker, ConsumerOptions, Handler, IncomingMessage, Outcome, OutgoingMessage, Publisher,
+    spawn_consumer,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{self, Names};
+
+struct Collect(Arc<Mutex<HashSet<String>>>);
+
+impl Handler for Collect {
+    async fn handle(&self, message: IncomingMessage) -> Outcome {
+        self.0.lock().expect("set").insert(message.message_id);
+        Outcome::Ack
+    }
+}
+
+/// Publishes until the broker confirms; returns how many attempts failed.
+async fn publish_until_confirmed(publisher: &Publisher, message: &OutgoingMessage) -> u32 {
+    let mut failures = 0;
+    while publisher.publish(message).await.is_err() {
+        failures += 1;
+        assert!(failures < 2_000, "publishing never recovered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    failures
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_published_before_during_and_after_connection_cuts_are_all_consumed() {
+    let names = Names::new(support::fast_retry(3));
+    support::init_tracing();
+    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
+        .await
+        .expect("proxy");
+    let settings = support::settings().with_host_port("127.0.0.1", proxy.port());
+    let broker = Broker::connect(settings, names.topology())
+        .await
+        .expect("connect through proxy");
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let shutdown = CancellationToken::new();
+    let consumer = spawn_consumer(
+        broker.clone(),
+        names.queue.clone(),
+        ConsumerOptions {
+            app_id: "test".into(),
+            ..Default::default()
+        },
+        Collect(seen.clone()),
+        shutdown.clone(),
+    );
+    let publisher =
+        Publisher::new(broker.clone(), "test").with_confirm_timeout(Duration::from_secs(5));
+    let messages: Vec<_> = (0..300)
+        .map(|i| OutgoingMessage::new(&names.exchange, format!("k.{i}"), "t", vec![1u8; 64]))
+        .collect();
+
+    let mut failed_publishes = 0;
+    for (i, message) in messages.iter().enumerate() {
+        if i % 100 == 50 {
+            proxy.sever();
+        }
+        if i == 120 {
+            // A longer outage: new connections are refused for a while.
+            proxy.block();
+            let blocked = broker.clone();
+            testkit::wait_until(
+                "the broker handle to notice",
+                Duration::from_secs(10),
+                || {
+                    let b = blocked.clone();
+                    async move { !b.is_connected() }
+                },
+            )
+            .await;
+            assert!(
+                publisher.publish(message).await.is_err(),
+                "no success while disconnected"
+            );
+            proxy.restore();
+        }
+        failed_publishes += publish_until_confirmed(&publisher, message).await;
+    }
+
+    let expected: HashSet<String> = messages.iter().map(|m| m.message_id.clone()).collect();
+    let stats = consumer.stats();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !seen.lock().expect("set").is_superset(&expected) {
+        if tokio::time::Instant::now() > deadline {
+            let (_conn, ch) = support::raw_channel().await;
+            let ready = support::ready(&ch, &names.queue.name).await;
+            let consumed = seen.lock().expect("set").intersection(&expected).count();
+            panic!(
+                "not every confirmed message was consumed: seen {consumed} of {}, subscribed {}, connected {}, stats {stats:?}, ready {ready}",
+                expected.len(),
+                consumer.is_subscribed(),
+                broker.is_connected(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(failed_publishes > 0, "the cuts hit publishing");
+    assert!(
+        broker.reconnects() >= 3,
+        "reconnected after each cut: {}",
+        broker.reconnects()
+    );
+    assert!(consumer.is_subscribed(), "the consumer resumed by itself");
+    assert!(
+        consumer
+            .stats()
+            .subscriptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4
+    );
+    shutdown.cancel();
+    consumer.join().await;
+    broker.close().await;
+    names.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_whose_queue_is_deleted_re_declares_it_and_resumes() {
+    let names = Names::new(support::fast_retry(3));
+    let broker = support::broker(&names).await;
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let shutdown = CancellationToken::new();
+    let consumer = spawn_consumer(
+        broker.clone(),
+        names.queue.clone(),
+        ConsumerOptions {
+            app_id: "test".into(),
+            ..Default::default()
+        },
+        Collect(seen.clone()),
+        shutdown.clone(),
+    );
+    testkit::wait_until("subscribed", Duration::from_secs(10), || async {
+        consumer.is_subscribed()
+    })
+    .await;
+
+    let (_conn, ch) = support::raw_channel().await;
+    ch.queue_delete(
+        names.queue.name.as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .expect("delete queue");
+
+    let stats = consumer.stats();
+    testkit::wait_until("re-subscribed", Duration::from_secs(10), || async {
+        stats
+            .subscriptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+            && consumer.is_subscribed()
+    })
+    .await;
+    let message = OutgoingMessage::new(&names.exchange, "after.delete", "t", b"x".to_vec());
+    Publisher::new(broker.clone(), "test")
+        .publish(&message)
+        .await
+        .expect("routable again: bindings restored");
+    testkit::wait_until(
+        "consumed after re-declare",
+        Duration::from_secs(10),
+        || async { seen.lock().expect("set").contains(&message.message_id) },
+    )
+    .await;
+    shutdown.cancel();
+    consumer.join().await;
+    names.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_in_flight_when_the_connection_dies_fails_promptly_and_never_falsely_succeeds() {
+    let names = Names::new(support::fast_retry(3));
+    support::init_tracing();
+    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
+        .await
+        .expect("proxy");
+    let settings = support::settings().with_host_port("127.0.0.1", proxy.port());
+    let broker = Broker::connect(settings, names.topology())
+        .await
+        .expect("connect");
+    let publisher = Publisher::new(broker.clone(), "test");
+    publisher
+        .publish(&OutgoingMessage::new(&names.exchange, "warm", "t", vec![]))
+        .await
+        .expect("warm up");
+    let batch: Vec<_> = (0..3_000)
+        .map(|_| OutgoingMessage::new(&names.exchange, "k", "t", vec![0u8; 1024]))
+        .collect();
+    let started = std::time::Instant::now();
+
+    let in_flight = tokio::spawn({
+        let publisher = publisher.clone();
+        let batch = batch.clone();
+        async move { publisher.publish_batch(&batch).await }
+    });
+    tokio::task::yield_now().await;
+    proxy.block();
+    let results = in_flight.await.expect("batch task");
+
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no hang: {:?}",
+        started.elapsed()
+    );
+    assert!(results.iter().any(Result::is_err), "the cut hit the batch");
+    // Every reported success is really in the queue.
+    let confirmed: HashSet<String> = batch
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_ok())
+        .map(|(m, _)| m.message_id.clone())
+        .collect();
+    let (_conn, ch) = support::raw_channel().await;
+    let mut queued = HashSet::new();
+    while let Some(got) = support::get(&ch, &names.queue.name).await {
+        if let Some(id) = got.delivery.properties.message_id() {
+            queued.insert(id.to_string());
+        }
+    }
+    assert!(
+        queued.is_superset(&confirmed),
+        "a publish reported success without reaching the queue"
+    );
+    proxy.restore();
+    names.cleanup().await;
+}

@@ -1,0 +1,113 @@
+//! The service's own PostgreSQL database: pool, embedded migrations, and startup
+//! errors that name host, database and user but never the password.
+
+use std::{borrow::Cow, time::Duration};
+
+use sqlx::{
+    Connection, PgConnection, PgPool, SqlSafeStr,
+    migrate::{Migration, MigrationType, Migrator},
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error("DATABASE_URL is invalid: {0}")]
+    InvalidUrl(String),
+    #[error(
+        "cannot connect to PostgreSQL database '{database}' at {host}:{port} as '{user}': {reason}"
+    )]
+    Connect {
+        host: String,
+        port: u16,
+        database: String,
+        user: String,
+        reason: String,
+    },
+    #[error("migrating database '{database}' failed: {reason}")]
+    Migrate { database: String, reason: String },
+}
+
+/// Connects a pool (failing fast with one clear line) and runs the messaging and
+/// service migrations.
+pub async fn connect_and_migrate(
+    url: &str,
+    max_connections: u32,
+    migrations: &[(i64, &'static str, &'static str)],
+) -> Result<PgPool, DatabaseError> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| DatabaseError::InvalidUrl(redact(&e.to_string(), url)))?;
+    let database = options.get_database().unwrap_or("postgres").to_owned();
+    let connect_error = |e: sqlx::Error| DatabaseError::Connect {
+        host: options.get_host().to_owned(),
+        port: options.get_port(),
+        database: database.clone(),
+        user: options.get_username().to_owned(),
+        reason: redact(&e.to_string(), url),
+    };
+    // One direct connection first: a pool would only say "timed out", hiding
+    // "connection refused" or "password authentication failed".
+    let probe = tokio::time::timeout(
+        Duration::from_secs(10),
+        PgConnection::connect_with(&options),
+    )
+    .await
+    .map_err(|_| connect_error(sqlx::Error::PoolTimedOut))?
+    .map_err(connect_error)?;
+    let _ = probe.close().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.clone())
+        .await
+        .map_err(connect_error)?;
+    let fail = |e: sqlx::migrate::MigrateError| DatabaseError::Migrate {
+        database: database.clone(),
+        reason: e.to_string(),
+    };
+    messaging::migrations::migrate(&pool).await.map_err(fail)?;
+    migrator(migrations).run(&pool).await.map_err(fail)?;
+    Ok(pool)
+}
+
+fn migrator(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
+    Migrator::with_migrations(
+        migrations
+            .iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Whether the database answers, within a second (for readiness).
+pub async fn ping(pool: &PgPool) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            sqlx::query("SELECT 1").execute(pool)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+fn redact(message: &str, url: &str) -> String {
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty());
+    match password {
+        Some(p) => message.replace(p, "***"),
+        None => message.to_owned(),
+    }
+}

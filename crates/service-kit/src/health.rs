@@ -1,0 +1,200 @@
+//! `/healthz` (the process answers), `/readyz` (every dependency really works)
+//! and `/metrics`, shared by all services.
+
+use std::{fmt::Write, sync::Arc};
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use messaging::{Broker, ConsumerProbe, RelayProbe};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::metrics::{Metrics, escape, sample};
+
+/// What readiness checks and metrics read.
+#[derive(Clone, Debug)]
+pub struct Health {
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub consumers: Vec<ConsumerProbe>,
+    pub relay: Option<RelayProbe>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    checks: Vec<Check>,
+}
+
+#[derive(Serialize)]
+struct Check {
+    name: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+impl Health {
+    pub fn router<S>(self) -> Router<S> {
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .with_state(Arc::new(self))
+    }
+
+    async fn checks(&self) -> Vec<Check> {
+        let mut checks = vec![
+            Check {
+                name: "database".into(),
+                ok: crate::database::ping(&self.pool).await,
+                detail: None,
+            },
+            Check {
+                name: "broker".into(),
+                ok: self.broker.is_connected(),
+                detail: self
+                    .broker
+                    .is_blocked()
+                    .then(|| "publishing blocked by a broker alarm".into()),
+            },
+        ];
+        for consumer in &self.consumers {
+            checks.push(Check {
+                name: format!("consumer {}", consumer.queue),
+                ok: consumer.is_subscribed(),
+                detail: None,
+            });
+        }
+        if let Some(relay) = &self.relay {
+            let status = relay.status();
+            checks.push(Check {
+                name: "outbox relay".into(),
+                ok: relay.is_healthy(),
+                detail: status.oldest_unpublished.map(|age| {
+                    format!(
+                        "backlog {}, oldest unpublished {:.1}s",
+                        status.backlog,
+                        age.as_secs_f64()
+                    )
+                }),
+            });
+        }
+        checks
+    }
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let checks = health.checks().await;
+    let ready = checks.iter().all(|c| c.ok);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(Readiness { ready, checks }))
+}
+
+async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let mut out = String::new();
+    health.metrics.render_http(&mut out);
+    out.push_str("# HELP messaging_consumed_total Deliveries settled, by queue and outcome.\n");
+    out.push_str("# TYPE messaging_consumed_total counter\n");
+    for c in &health.consumers {
+        let q = escape(&c.queue);
+        let s = &c.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        for (outcome, value) in [
+            ("ack", load(&s.acked)),
+            ("retry", load(&s.retried)),
+            ("dead_lettered", load(&s.dead_lettered)),
+            ("requeued", load(&s.requeued)),
+        ] {
+            let _ = writeln!(
+                out,
+                "messaging_consumed_total{{queue=\"{q}\",outcome=\"{outcome}\"}} {value}"
+            );
+        }
+    }
+    out.push_str("# HELP messaging_handler_duration_seconds_sum Total handler time, by queue.\n");
+    out.push_str("# TYPE messaging_handler_duration_seconds_sum counter\n");
+    for c in &health.consumers {
+        let micros = c
+            .stats
+            .handler_micros
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let handled = c.stats.handled.load(std::sync::atomic::Ordering::Relaxed);
+        let q = escape(&c.queue);
+        let _ = writeln!(
+            out,
+            "messaging_handler_duration_seconds_sum{{queue=\"{q}\"}} {}",
+            micros as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "messaging_handler_duration_seconds_count{{queue=\"{q}\"}} {handled}"
+        );
+    }
+    if let Some(relay) = &health.relay {
+        let status = relay.status();
+        sample(
+            &mut out,
+            "outbox_published_total",
+            "counter",
+            "Outbox rows published and marked.",
+            "",
+            status.published as f64,
+        );
+        sample(
+            &mut out,
+            "outbox_backlog",
+            "gauge",
+            "Unpublished outbox rows.",
+            "",
+            status.backlog as f64,
+        );
+        sample(
+            &mut out,
+            "outbox_oldest_unpublished_seconds",
+            "gauge",
+            "Age of the oldest unpublished outbox row.",
+            "",
+            status.oldest_unpublished.map_or(0.0, |d| d.as_secs_f64()),
+        );
+    }
+    sample(
+        &mut out,
+        "broker_connected",
+        "gauge",
+        "1 while the RabbitMQ connection is open.",
+        "",
+        if health.broker.is_connected() {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    sample(
+        &mut out,
+        "broker_reconnects_total",
+        "counter",
+        "RabbitMQ connections rebuilt since start.",
+        "",
+        health.broker.reconnects() as f64,
+    );
+    sample(
+        &mut out,
+        "broker_blocked",
+        "gauge",
+        "1 while the broker blocks publishing (resource alarm).",
+        "",
+        if health.broker.is_blocked() { 1.0 } else { 0.0 },
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+}

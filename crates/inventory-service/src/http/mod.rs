@@ -1,0 +1,15 @@
+//! The HTTP API of inventory-service.
+
+mod stock;
+
+use axum::Router;
+use sqlx::PgPool;
+
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub pool: PgPool,
+}
+
+pub fn router(state: AppState) -> Router {
+    stock::router().with_state(state)
+}

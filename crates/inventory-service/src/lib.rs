@@ -1,0 +1,55 @@
+//! inventory-service: owns stock; reserves all items of a placed order or none,
+//! releases reservations of cancelled orders, and answers with `inventory.*` events.
+//!
+//! ```text
+//!  config    environment → Config
+//!  store     stock and reservations in PostgreSQL (+ outbox events)
+//!  http      /stock routes
+//!  events    consumer of inventory.order-events
+//! ```
+
+pub mod config;
+pub mod events;
+pub mod http;
+pub mod store;
+
+use std::process::ExitCode;
+
+use contracts::topology::Owner;
+use service_kit::platform::{Platform, Service, Spec, StartupError};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+pub const NAME: &str = "inventory-service";
+
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "stock", include_str!("../migrations/0001_stock.sql"))];
+
+/// Connects everything (one clear error on failure), starts consuming and binds
+/// the listener; `run_until_stopped` serves.
+pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Service, StartupError> {
+    let spec = Spec {
+        name: NAME,
+        owner: Owner::Inventory,
+        common: config.common.clone(),
+        migrations: MIGRATIONS,
+    };
+    let mut platform = Platform::start(spec, shutdown).await?;
+    let inbox = platform.inbox();
+    platform.consume(events::OrderEvents { inbox });
+    let routes = http::router(http::AppState {
+        pool: platform.pool.clone(),
+    });
+    platform.bind(routes).await
+}
+
+/// The binary's entry point.
+pub fn main() -> ExitCode {
+    service_kit::platform::main(
+        NAME,
+        Config::from_env,
+        |c| c.common.log_format,
+        |config, shutdown| async move { build(config, shutdown).await?.run_until_stopped().await },
+    )
+}

@@ -1,0 +1,160 @@
+//! The consumer of `notification.order-events` (bound to the fanout exchange):
+//! records exactly one notification per (order, event), writes it to the log, and
+//! POSTs it to the webhook when one is configured.
+//!
+//! The record commits first (inbox, same transaction). The webhook call follows;
+//! if it fails the handler asks for a retry, and the redelivery (a duplicate for
+//! the inbox) finds the notification still undelivered and tries again, until the
+//! runtime's attempts run out and the message goes to the DLQ with the reason.
+//! The webhook receives `Idempotency-Key: <message id>` to drop repeats.
+
+use std::time::Duration;
+
+use contracts::decode::Event;
+use messaging::{Handler, Inbox, IncomingMessage, Outcome};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::store;
+
+#[derive(Debug)]
+pub struct OrderEvents {
+    pub inbox: Inbox,
+    pub webhook: Option<Webhook>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Webhook {
+    pub url: reqwest::Url,
+    pub client: reqwest::Client,
+}
+
+impl Webhook {
+    pub fn new(url: reqwest::Url, timeout: Duration) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            url,
+            client: reqwest::Client::builder().timeout(timeout).build()?,
+        })
+    }
+
+    /// `Err(true)` is worth retrying (network, 5xx, 408, 429); `Err(false)` is not.
+    async fn post(&self, message_id: &str, body: &serde_json::Value) -> Result<(), (bool, String)> {
+        let response = self
+            .client
+            .post(self.url.clone())
+            .header("Idempotency-Key", message_id)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| (true, format!("webhook unreachable: {e}")))?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            let retry =
+                status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429;
+            Err((retry, format!("webhook answered {status}")))
+        }
+    }
+}
+
+impl Handler for OrderEvents {
+    async fn handle(&self, message: IncomingMessage) -> Outcome {
+        let event = match Event::decode(&message.message_type, &message.payload) {
+            Ok(
+                event @ (Event::OrderPlaced(_)
+                | Event::OrderConfirmed(_)
+                | Event::OrderRejected(_)
+                | Event::OrderCancelled(_)),
+            ) => event,
+            Ok(other) => {
+                return Outcome::Reject(format!(
+                    "unexpected {} on the notifications queue",
+                    other.routing_key()
+                ));
+            }
+            Err(reason) => return Outcome::Reject(reason),
+        };
+        let Ok(order_id) = Uuid::parse_str(event.order_id()) else {
+            return Outcome::Reject(format!(
+                "invalid order id '{}'",
+                event.order_id().escape_debug()
+            ));
+        };
+        let name = event.routing_key();
+        let span = tracing::info_span!("notify", shop.order_id = %order_id, shop.event = name);
+        async {
+            let channel = if self.webhook.is_some() { "webhook" } else { "log" };
+            let body = serde_json::json!({
+                "order_id": order_id,
+                "event": name,
+                "message_id": message.message_id,
+                "summary": summary(&event),
+            });
+            let message_id = message.message_id.clone();
+            let recorded = self
+                .inbox
+                .process(&message.message_id, |tx| {
+                    let body = body.clone();
+                    Box::pin(async move {
+                        store::record(
+                            tx,
+                            store::New {
+                                order_id,
+                                event: name,
+                                message_id: &message_id,
+                                channel,
+                                body,
+                                delivered: channel == "log",
+                            },
+                        )
+                        .await
+                    })
+                })
+                .await;
+            match recorded {
+                Ok(messaging::Processed::Done(true)) => {
+                    tracing::info!(order_id = %order_id, event = name, "notification: {}", summary(&event));
+                }
+                Ok(_) => {}
+                Err(e) => return Outcome::Retry(format!("database: {e}")),
+            }
+            let Some(webhook) = &self.webhook else {
+                return Outcome::Ack;
+            };
+            let pending = match store::pending_webhook(self.inbox.pool(), order_id, name).await {
+                Ok(p) => p,
+                Err(e) => return Outcome::Retry(format!("database: {e}")),
+            };
+            let Some((id, first_message_id, body)) = pending else {
+                return Outcome::Ack;
+            };
+            match webhook.post(&first_message_id, &body).await {
+                Ok(()) => match store::mark_delivered(self.inbox.pool(), id).await {
+                    Ok(()) => Outcome::Ack,
+                    Err(e) => Outcome::Retry(format!("database: {e}")),
+                },
+                Err((retry, reason)) => {
+                    if let Err(e) = store::mark_failed(self.inbox.pool(), id, &reason).await {
+                        tracing::warn!(error = %e, "recording the webhook failure failed");
+                    }
+                    if retry { Outcome::Retry(reason) } else { Outcome::Reject(reason) }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn summary(event: &Event) -> String {
+    match event {
+        Event::OrderPlaced(e) => {
+            format!("order {} placed with {} item(s)", e.order_id, e.items.len())
+        }
+        Event::OrderConfirmed(e) => format!("order {} confirmed", e.order_id),
+        Event::OrderRejected(e) => format!("order {} rejected: {}", e.order_id, e.reason),
+        Event::OrderCancelled(e) => format!("order {} cancelled", e.order_id),
+        other => format!("{} for order {}", other.routing_key(), other.order_id()),
+    }
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: real service processes, real RabbitMQ, real PostgreSQL.
+//! Each test starts its own stack (private vhost, fresh databases) and stops it.
+
+mod api;
+mod deploy;
+mod saga;
+mod startup;
+mod telemetry;
+mod webhook;

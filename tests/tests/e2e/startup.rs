@@ -1,0 +1,95 @@
+use std::process::Command;
+
+use e2e::{Vhost, binary};
+
+fn run(name: &str, env: &[(&str, String)]) -> (i32, String) {
+    let output = Command::new(binary(name))
+        .env_clear()
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_service_without_database_url_exits_non_zero_with_one_clear_line() {
+    for name in e2e::SERVICES {
+        let (code, stderr) = run(name, &[("AMQP_URL", testkit::amqp_url())]);
+        assert_ne!(code, 0, "{name}");
+        assert_eq!(
+            stderr.trim(),
+            format!("{name}: DATABASE_URL is not set (required)")
+        );
+    }
+}
+
+#[test]
+fn a_refused_amqp_password_exits_non_zero_with_one_clear_line_without_the_password() {
+    let vhost = Vhost::create();
+    let url = vhost
+        .amqp_url()
+        .replace("guest:guest@", "guest:not-the-password@");
+    let (code, stderr) = run(
+        "order-service",
+        &[("AMQP_URL", url), ("DATABASE_URL", testkit::database_url())],
+    );
+    assert_ne!(code, 0);
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("order-service: RabbitMQ refused access for user 'guest'"),
+        "{stderr}"
+    );
+    assert!(
+        lines[0].contains(&format!("vhost '{}'", vhost.name)),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not-the-password"));
+}
+
+#[test]
+fn an_unreachable_database_is_named_with_the_cause() {
+    let (code, stderr) = run(
+        "inventory-service",
+        &[
+            ("AMQP_URL", testkit::amqp_url()),
+            (
+                "DATABASE_URL",
+                "postgres://postgres:pw@127.0.0.1:1/inventory".into(),
+            ),
+        ],
+    );
+    assert_ne!(code, 0);
+    let line = stderr.trim();
+    assert!(
+        line.starts_with(
+            "inventory-service: cannot connect to PostgreSQL database 'inventory' at 127.0.0.1:1"
+        ),
+        "{line}"
+    );
+    assert!(line.contains("refused"), "{line}");
+    assert!(!line.contains(":pw@"));
+}
+
+#[test]
+fn an_invalid_variable_is_named() {
+    let (code, stderr) = run(
+        "notification-service",
+        &[
+            ("AMQP_URL", testkit::amqp_url()),
+            ("DATABASE_URL", testkit::database_url()),
+            ("NOTIFY_WEBHOOK_URL", "ftp://example".into()),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr
+            .trim()
+            .starts_with("notification-service: NOTIFY_WEBHOOK_URL is invalid"),
+        "{stderr}"
+    );
+}

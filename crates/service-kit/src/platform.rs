@@ -195,6 +195,7 @@ impl Platform {
                     // and a 503 from /readyz is an answer, not an error.
                     .on_failure(()),
             )
+            .layer(middleware::map_response(close_after_unread_body))
             .layer(DefaultBodyLimit::max(BODY_LIMIT));
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, service = self.name, "listening");
@@ -299,4 +300,20 @@ where
 fn fail(name: &str, error: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("{name}: {error}");
     ExitCode::FAILURE
+}
+
+/// A 413 is sent before the oversized body was read; the rest of it is still on
+/// the wire, so the connection cannot carry another request. Saying so
+/// (`Connection: close`) stops a client from reusing it and failing its next
+/// request on a reset socket.
+async fn close_after_unread_body(
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    if response.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }

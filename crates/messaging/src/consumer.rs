@@ -46,7 +46,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
 
-use crate::{Backoff, Broker, OutgoingMessage, Publisher, QueueSpec, propagation};
+use crate::{Backoff, Broker, Histogram, OutgoingMessage, Publisher, QueueSpec, propagation};
 
 /// Upper bound for one ack, nack or channel close: the client library can leave
 /// such a call pending forever when the connection dies under it.
@@ -142,9 +142,8 @@ pub struct ConsumerStats {
     /// Deliveries sent back to the queue because settling failed.
     pub requeued: AtomicU64,
     pub subscriptions: AtomicU64,
-    /// Sum of handler run times, microseconds (with `handled`, gives the mean).
-    pub handler_micros: AtomicU64,
-    pub handled: AtomicU64,
+    /// Handler run times, seconds.
+    pub handler_duration: Histogram,
 }
 
 /// A running consumer.
@@ -400,11 +399,9 @@ impl<H: Handler> Runtime<H> {
             .catch_unwind()
             .await
             .unwrap_or_else(|_| Outcome::Retry("handler panicked".to_owned()));
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.stats
-            .handler_micros
-            .fetch_add(micros, Ordering::Relaxed);
-        self.stats.handled.fetch_add(1, Ordering::Relaxed);
+            .handler_duration
+            .observe(started.elapsed().as_secs_f64());
         async {
             match outcome {
                 Outcome::Ack => {

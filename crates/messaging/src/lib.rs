@@ -17,6 +17,7 @@ mod backoff;
 mod connection;
 pub mod consumer;
 pub mod faults;
+mod histogram;
 pub mod inbox;
 pub mod migrations;
 pub mod outbox;
@@ -32,6 +33,7 @@ pub use consumer::{
     ConsumerHandle, ConsumerOptions, ConsumerProbe, ConsumerStats, Handler, IncomingMessage,
     Outcome, spawn_consumer,
 };
+pub use histogram::{BUCKETS, Histogram};
 pub use inbox::{Inbox, Processed};
 pub use outbox::{NewMessage, enqueue};
 pub use publisher::{CONTENT_TYPE_PROTOBUF, OutgoingMessage, PublishError, Publisher};

@@ -8,7 +8,7 @@ use messaging::{Broker, ConsumerProbe, RelayProbe};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::metrics::{Metrics, escape, sample};
+use crate::metrics::{Metrics, escape, render_histogram, sample};
 
 /// What readiness checks and metrics read.
 #[derive(Clone, Debug)]
@@ -116,23 +116,15 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
             );
         }
     }
-    out.push_str("# HELP messaging_handler_duration_seconds_sum Total handler time, by queue.\n");
-    out.push_str("# TYPE messaging_handler_duration_seconds_sum counter\n");
+    out.push_str("# HELP messaging_handler_duration_seconds Handler run time, by queue.\n");
+    out.push_str("# TYPE messaging_handler_duration_seconds histogram\n");
     for c in &health.consumers {
-        let micros = c
-            .stats
-            .handler_micros
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let handled = c.stats.handled.load(std::sync::atomic::Ordering::Relaxed);
-        let q = escape(&c.queue);
-        let _ = writeln!(
-            out,
-            "messaging_handler_duration_seconds_sum{{queue=\"{q}\"}} {}",
-            micros as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "messaging_handler_duration_seconds_count{{queue=\"{q}\"}} {handled}"
+        let labels = format!("queue=\"{}\"", escape(&c.queue));
+        render_histogram(
+            &mut out,
+            "messaging_handler_duration_seconds",
+            &labels,
+            &c.stats.handler_duration,
         );
     }
     if let Some(relay) = &health.relay {

@@ -1,5 +1,5 @@
-//! Prometheus text exposition, written by hand: a handful of counters and one
-//! histogram family do not need a metrics framework.
+//! Prometheus text exposition, written by hand: a handful of counters and two
+//! histogram families do not need a metrics framework.
 //!
 //! HTTP requests are recorded by [`track_http`] (route template, method, status);
 //! messaging figures are read at scrape time from the consumer and relay probes
@@ -8,10 +8,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
@@ -20,49 +17,18 @@ use axum::{
     middleware::Next,
     response::Response,
 };
+use messaging::Histogram;
 
-/// Upper bounds of the latency buckets, seconds.
-const BUCKETS: [f64; 12] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-];
-
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, seconds: f64) {
-        for (bound, slot) in BUCKETS.iter().zip(&self.counts) {
-            if seconds <= *bound {
-                slot.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+/// Writes one histogram's samples (`_bucket`, `_sum`, `_count`).
+pub fn render_histogram(out: &mut String, name: &str, labels: &str, histogram: &Histogram) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (bound, count) in histogram.buckets() {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
     }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (bound, slot) in BUCKETS.iter().zip(&self.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
-                slot.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
-    }
+    let count = histogram.count();
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", histogram.sum_seconds());
+    let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
 }
 
 /// Metrics a service records as it runs.
@@ -101,7 +67,7 @@ impl Metrics {
                 out,
                 "http_server_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {}",
                 escape(route),
-                h.count.load(Ordering::Relaxed)
+                h.count()
             );
         }
         out.push_str("# HELP http_server_request_duration_seconds HTTP request latency.\n");
@@ -111,7 +77,7 @@ impl Metrics {
                 "method=\"{method}\",route=\"{}\",status=\"{status}\"",
                 escape(route)
             );
-            h.render(out, "http_server_request_duration_seconds", &labels);
+            render_histogram(out, "http_server_request_duration_seconds", &labels, h);
         }
     }
 }

@@ -224,6 +224,10 @@ async fn metrics_move_with_the_saga() {
             &order,
             "messaging_handler_duration_seconds_count{queue=\"order.inventory-events\"}",
         ),
+        (
+            &order,
+            "messaging_handler_duration_seconds_bucket{queue=\"order.inventory-events\",le=\"5\"}",
+        ),
         (&inventory, "outbox_published_total"),
         (
             &inventory,

@@ -23,11 +23,14 @@ pub fn url_for(base: &str, name: &str) -> String {
     format!("{}/{name}{query}", &without_query[..authority_end])
 }
 
+/// Dropped with its database: by [`TestDb::drop_db`], or, when a failing test
+/// unwinds past it, by `Drop`, so red runs leave no scratch databases either.
 #[derive(Debug)]
 pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    dropped: bool,
 }
 
 impl TestDb {
@@ -48,27 +51,80 @@ impl TestDb {
             .connect(&url)
             .await
             .expect("connect to test database");
-        Self { name, url, pool }
+        Self {
+            name,
+            url,
+            pool,
+            dropped: false,
+        }
     }
 
     /// Closes the pool and drops the database.
-    pub async fn drop_db(self) {
+    pub async fn drop_db(mut self) {
+        self.dropped = true;
         self.pool.close().await;
-        if let Ok(mut admin) = PgConnection::connect(&database_url()).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            )))
-            .execute(&mut admin)
-            .await;
-            let _ = admin.close().await;
+        drop_database(&self.name).await;
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
         }
+        // No async in Drop, and this may run on a runtime thread: drop the
+        // database from a thread of its own with a small runtime.
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(drop_database(&name));
+            }
+        })
+        .join();
+    }
+}
+
+/// `DROP DATABASE ... WITH (FORCE)`: open connections are terminated first.
+async fn drop_database(name: &str) {
+    if let Ok(mut admin) = PgConnection::connect(&database_url()).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await;
+        let _ = admin.close().await;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::url_for;
+    use super::*;
+
+    async fn exists(name: &str) -> bool {
+        let mut admin = PgConnection::connect(&database_url()).await.expect("admin");
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+            .bind(name)
+            .fetch_optional(&mut admin)
+            .await
+            .expect("query");
+        found.is_some()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_test_database_is_dropped_even_when_a_panic_unwinds_past_it() {
+        let db = TestDb::create().await;
+        let name = db.name.clone();
+        assert!(exists(&name).await);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _db = db;
+            panic!("a failing test");
+        }));
+        assert!(unwound.is_err());
+        assert!(!exists(&name).await, "{name} was left behind");
+    }
 
     #[test]
     fn replaces_only_the_database_name() {

@@ -1,4 +1,4 @@
-//! One supervised broker connection per process.
+//! A supervised broker connection (a service runs two: one publishes, one consumes).
 //!
 //! [`Broker::connect`] is the startup preflight: it connects once, declares the
 //! topology and turns any failure into one clear [`ConnectError`] line. It then

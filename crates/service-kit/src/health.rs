@@ -14,7 +14,8 @@ use crate::metrics::{Metrics, escape, render_histogram, sample};
 #[derive(Clone, Debug)]
 pub struct Health {
     pub pool: PgPool,
-    pub broker: Broker,
+    /// The service's broker connections by role (`publish`, `consume`).
+    pub brokers: Vec<(&'static str, Broker)>,
     pub consumers: Vec<ConsumerProbe>,
     pub relay: Option<RelayProbe>,
     pub metrics: Arc<Metrics>,
@@ -43,6 +44,24 @@ impl Health {
             .with_state(Arc::new(self))
     }
 
+    /// One check for all connections: it fails when any of them is down and
+    /// says which.
+    fn broker_check(&self) -> Check {
+        let mut notes = Vec::new();
+        for (role, broker) in &self.brokers {
+            if !broker.is_connected() {
+                notes.push(format!("{role} connection down"));
+            } else if broker.is_blocked() {
+                notes.push(format!("{role} connection blocked by a broker alarm"));
+            }
+        }
+        Check {
+            name: "broker".into(),
+            ok: self.brokers.iter().all(|(_, b)| b.is_connected()),
+            detail: (!notes.is_empty()).then(|| notes.join(", ")),
+        }
+    }
+
     async fn checks(&self) -> Vec<Check> {
         let mut checks = vec![
             Check {
@@ -50,14 +69,7 @@ impl Health {
                 ok: crate::database::ping(&self.pool).await,
                 detail: None,
             },
-            Check {
-                name: "broker".into(),
-                ok: self.broker.is_connected(),
-                detail: self
-                    .broker
-                    .is_blocked()
-                    .then(|| "publishing blocked by a broker alarm".into()),
-            },
+            self.broker_check(),
         ];
         for consumer in &self.consumers {
             checks.push(Check {
@@ -154,34 +166,34 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
             status.oldest_unpublished.map_or(0.0, |d| d.as_secs_f64()),
         );
     }
-    sample(
-        &mut out,
-        "broker_connected",
-        "gauge",
-        "1 while the RabbitMQ connection is open.",
-        "",
-        if health.broker.is_connected() {
-            1.0
-        } else {
-            0.0
-        },
-    );
-    sample(
-        &mut out,
-        "broker_reconnects_total",
-        "counter",
-        "RabbitMQ connections rebuilt since start.",
-        "",
-        health.broker.reconnects() as f64,
-    );
-    sample(
-        &mut out,
-        "broker_blocked",
-        "gauge",
-        "1 while the broker blocks publishing (resource alarm).",
-        "",
-        if health.broker.is_blocked() { 1.0 } else { 0.0 },
-    );
+    type Family = (&'static str, &'static str, &'static str, fn(&Broker) -> f64);
+    let families: [Family; 3] = [
+        (
+            "broker_connected",
+            "gauge",
+            "1 while the RabbitMQ connection is open, by connection role.",
+            |b| f64::from(u8::from(b.is_connected())),
+        ),
+        (
+            "broker_reconnects_total",
+            "counter",
+            "RabbitMQ connections rebuilt since start, by connection role.",
+            |b| b.reconnects() as f64,
+        ),
+        (
+            "broker_blocked",
+            "gauge",
+            "1 while the broker blocks publishing on the connection (resource alarm).",
+            |b| f64::from(u8::from(b.is_blocked())),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (role, broker) in &health.brokers {
+            let _ = writeln!(out, "{name}{{connection=\"{role}\"}} {}", value(broker));
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

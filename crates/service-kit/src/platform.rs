@@ -2,12 +2,19 @@
 //! place:
 //!
 //! ```text
-//!  start:  database (pool + migrations) ─▶ broker (preflight + topology)
+//!  start:  database (pool + migrations) ─▶ broker connections (preflight + topology)
 //!          ─▶ outbox relay ─▶ inbox cleanup      consume(): the service's own queue
 //!  serve:  HTTP (domain routes + /healthz /readyz /metrics) until the shutdown token
 //!  stop:   stop accepting, finish in-flight requests ─▶ consumers finish and ack
-//!          ─▶ relay finishes its batch ─▶ broker connection closed
+//!          ─▶ consume connection closed ─▶ relay finishes its batch
+//!          ─▶ publish connection closed
 //! ```
+//!
+//! Publishing and consuming use separate connections, as RabbitMQ advises: under
+//! a resource alarm the broker stops reading from connections that publish, and
+//! a consumer sharing that connection could not ack either. With its own
+//! connection the saga keeps consuming (which drains the queues the alarm is
+//! about) while the relay waits.
 
 use std::{future::Future, net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
@@ -68,7 +75,10 @@ pub struct Spec {
 pub struct Platform {
     pub name: &'static str,
     pub pool: PgPool,
+    /// The connection the relay publishes on.
     pub broker: Broker,
+    /// The connection consumers use (and their retry and dead-letter publishes).
+    pub consumer_broker: Broker,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
     common: Common,
@@ -91,11 +101,20 @@ impl Platform {
         )
         .await?;
         let queue = topology::queue(spec.owner, common.retry.clone());
-        let broker = Broker::connect(
-            common.amqp.clone(),
-            topology::for_service(spec.owner, common.retry.clone()),
-        )
-        .await?;
+        let topology = topology::for_service(spec.owner, common.retry.clone());
+        let connect = |role: &str| {
+            let mut settings = common.amqp.clone();
+            settings.connection_name = format!("{} {role}", settings.connection_name);
+            Broker::connect(settings, topology.clone())
+        };
+        let broker = connect("publish").await?;
+        let consumer_broker = match connect("consume").await {
+            Ok(b) => b,
+            Err(e) => {
+                broker.close().await;
+                return Err(e.into());
+            }
+        };
         let relay = spawn_relay(
             pool.clone(),
             Publisher::new(broker.clone(), spec.name),
@@ -112,6 +131,7 @@ impl Platform {
             name: spec.name,
             pool,
             broker,
+            consumer_broker,
             shutdown,
             metrics: Metrics::new(),
             common,
@@ -137,7 +157,7 @@ impl Platform {
             ..ConsumerOptions::default()
         };
         self.consumers.push(spawn_consumer(
-            self.broker.clone(),
+            self.consumer_broker.clone(),
             self.queue.clone(),
             options,
             handler,
@@ -153,7 +173,10 @@ impl Platform {
     pub fn health(&self) -> Health {
         Health {
             pool: self.pool.clone(),
-            broker: self.broker.clone(),
+            brokers: vec![
+                ("publish", self.broker.clone()),
+                ("consume", self.consumer_broker.clone()),
+            ],
             consumers: self.consumers.iter().map(ConsumerHandle::probe).collect(),
             relay: Some(self.relay.probe()),
             metrics: self.metrics.clone(),
@@ -216,6 +239,7 @@ impl Platform {
         for consumer in self.consumers {
             consumer.join().await;
         }
+        self.consumer_broker.close().await;
         self.relay.join().await;
         for task in self.tasks {
             let _ = task.await;

@@ -211,6 +211,31 @@ async fn a_broker_memory_alarm_blocks_publishing_while_orders_keep_being_accepte
         },
     )
     .await;
+    // The broker blocks the relay's connection; consumers have their own, which
+    // is not blocked, so they can go on acking (and draining queues).
+    let order = chaos.stack.order();
+    testkit::wait_until(
+        "order-service to see its publish connection blocked",
+        Duration::from_secs(10),
+        || async {
+            chaos
+                .stack
+                .metric(&order, "broker_blocked{connection=\"publish\"}")
+                .await
+                == 1.0
+        },
+    )
+    .await;
+    for url in [order, chaos.stack.inventory(), chaos.stack.notification()] {
+        assert_eq!(
+            chaos
+                .stack
+                .metric(&url, "broker_blocked{connection=\"consume\"}")
+                .await,
+            0.0,
+            "consume connection of {url} blocked"
+        );
+    }
     rabbitmqctl(&["set_vm_memory_high_watermark", &restore]).await;
     let alarm_ended = Instant::now();
     drop(guard);

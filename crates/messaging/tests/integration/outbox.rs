@@ -492,3 +492,56 @@ async fn published_rows_past_retention_are_deleted_and_unpublished_ones_kept() {
     names.cleanup().await;
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_backlog_reported_after_a_burst_comes_back_to_zero_without_another_wake_up() {
+    let db = support::database().await;
+    let names = Names::new(support::fast_retry(3));
+    let broker = support::broker(&names).await;
+    let shutdown = CancellationToken::new();
+    // No polling fallback to lean on: only the relay's own status refresh can
+    // bring the figure back to zero once the last notification was handled.
+    let relay = spawn_relay(
+        db.pool.clone(),
+        Publisher::new(broker.clone(), "test"),
+        messaging::RelayOptions {
+            poll_interval: Duration::from_secs(3600),
+            ..support::fast_relay()
+        },
+        shutdown.clone(),
+    );
+    // Many small commits in a row: many wake-ups, most of them inside the
+    // status refresh interval, some while a refresh counts a fresh row.
+    for i in 0..200 {
+        let mut tx = db.pool.begin().await.expect("begin");
+        enqueue(
+            &mut tx,
+            NewMessage::new(
+                &names.exchange,
+                "order.placed",
+                "test.Event",
+                format!("{i}").into_bytes(),
+            ),
+        )
+        .await
+        .expect("enqueue");
+        tx.commit().await.expect("commit");
+    }
+    testkit::wait_until("all 200 published", Duration::from_secs(20), || async {
+        relay.status().published == 200
+    })
+    .await;
+    testkit::wait_until(
+        "the reported backlog back at zero",
+        Duration::from_secs(10),
+        || async {
+            let status = relay.status();
+            status.backlog == 0 && status.oldest_unpublished.is_none()
+        },
+    )
+    .await;
+    shutdown.cancel();
+    relay.join().await;
+    names.cleanup().await;
+    db.drop_db().await;
+}

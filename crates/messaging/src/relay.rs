@@ -274,19 +274,28 @@ impl Relay {
         lanes.into_iter().collect()
     }
 
-    /// One batch: claim, publish, mark. Returns how many rows were claimed.
+    /// One batch: claim, publish, settle. Returns how many rows were claimed.
+    ///
+    /// The claim marks the rows published in the batch's open transaction, one
+    /// write per row, and the commit after the confirms makes it true. Rows the
+    /// broker did not confirm are unmarked in the same transaction before the
+    /// commit; a crash anywhere before the commit rolls every mark back, so a row
+    /// is never published-in-the-table without its confirm.
     /// (No span of its own: each publish span continues its row's stored trace,
     /// and a span per poll would be a root trace of its own.)
     async fn round(&self) -> Result<i64, RoundError> {
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT id, exchange, routing_key, type, payload, headers, correlation_id,
-                    EXTRACT(EPOCH FROM created_at)::BIGINT AS created
-             FROM outbox
-             WHERE published_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-             ORDER BY seq
-             LIMIT $1
-             FOR UPDATE SKIP LOCKED",
+        let mut rows = sqlx::query(
+            "UPDATE outbox SET published_at = now(), attempts = attempts + 1, last_error = NULL
+             WHERE seq IN (
+                 SELECT seq FROM outbox
+                 WHERE published_at IS NULL
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+                 ORDER BY seq
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING seq, id, exchange, routing_key, type, payload, headers, correlation_id,
+                       EXTRACT(EPOCH FROM created_at)::BIGINT AS created",
         )
         .bind(self.options.batch_size)
         .fetch_all(&mut *tx)
@@ -295,6 +304,8 @@ impl Relay {
             tx.commit().await?;
             return Ok(0);
         }
+        // RETURNING has no order: publish in commit order.
+        rows.sort_by_cached_key(|row| row.try_get::<i64, _>("seq").unwrap_or(i64::MAX));
         let mut ids = Vec::with_capacity(rows.len());
         let mut messages = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -314,36 +325,32 @@ impl Relay {
             return Err(RoundError::Injected);
         }
 
-        let mut confirmed = Vec::with_capacity(ids.len());
+        let mut confirmed = 0usize;
         let mut refused = Vec::new();
         let mut refused_errors = Vec::new();
+        let mut unsent = Vec::new();
         let mut broker_error = None;
         for (id, result) in ids.iter().zip(results) {
             match result {
-                Ok(()) => confirmed.push(*id),
+                Ok(()) => confirmed += 1,
                 Err(e @ (PublishError::Unroutable { .. } | PublishError::Nacked)) => {
                     tracing::error!(message_id = %id, error = %e, "broker refused an outbox message; it will be retried");
                     refused.push(*id);
                     refused_errors.push(e.to_string());
                 }
-                Err(e) => broker_error = Some(e),
+                Err(e) => {
+                    unsent.push(*id);
+                    broker_error = Some(e);
+                }
             }
         }
-        if !confirmed.is_empty() {
-            sqlx::query(
-                "UPDATE outbox SET published_at = now(), attempts = attempts + 1, last_error = NULL
-                 WHERE id = ANY($1)",
-            )
-            .bind(&confirmed)
-            .execute(&mut *tx)
-            .await?;
-        }
+        // Every row claimed counts an attempt; those not confirmed are unmarked.
         if !refused.is_empty() {
-            // Per-row backoff: 2^attempts seconds, capped at 5 minutes.
+            // Per-row backoff: 2^(attempts before this one) seconds, capped at 5 minutes.
             sqlx::query(
                 "UPDATE outbox AS o
-                 SET attempts = o.attempts + 1, last_error = f.error,
-                     next_attempt_at = now() + make_interval(secs => LEAST(300, power(2, o.attempts)))
+                 SET published_at = NULL, last_error = f.error,
+                     next_attempt_at = now() + make_interval(secs => LEAST(300, power(2, o.attempts - 1)))
                  FROM unnest($1::uuid[], $2::text[]) AS f(id, error)
                  WHERE o.id = f.id",
             )
@@ -352,9 +359,18 @@ impl Relay {
             .execute(&mut *tx)
             .await?;
         }
+        if let Some(error) = &broker_error {
+            sqlx::query(
+                "UPDATE outbox SET published_at = NULL, last_error = $2 WHERE id = ANY($1)",
+            )
+            .bind(&unsent)
+            .bind(error.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         self.published
-            .fetch_add(confirmed.len() as u64, Ordering::Relaxed);
+            .fetch_add(confirmed as u64, Ordering::Relaxed);
         match broker_error {
             Some(e) => Err(RoundError::Broker(e)),
             None => Ok(i64::try_from(rows.len()).unwrap_or(i64::MAX)),

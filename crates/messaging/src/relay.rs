@@ -3,17 +3,20 @@
 //!
 //! ```text
 //!   NOTIFY (on commit) ─┐
-//!   poll interval ──────┼─▶ claim ≤ batch rows: published_at IS NULL, seq order,
-//!   after an error ─────┘     FOR UPDATE SKIP LOCKED (replicas take disjoint rows)
+//!   poll interval ──────┼─▶ BEGIN; claim ≤ batch rows by marking them: UPDATE … WHERE
+//!   after an error ─────┘     seq IN (published_at IS NULL, seq order, FOR UPDATE
+//!                             SKIP LOCKED) RETURNING (replicas take disjoint rows)
 //!                          ─▶ publish all with confirms in flight (one batch)
-//!                          ─▶ mark confirmed rows, record failures, COMMIT
+//!                          ─▶ unmark what was not confirmed, record failures, COMMIT
 //! ```
 //!
-//! A row is marked only after its confirm. A crash between confirm and mark leaves
-//! the row unpublished and it goes out again with the same message id (consumers
-//! dedup through the inbox). On broker loss the rows stay, the relay backs off and
-//! resumes when the connection is back. A row the broker refuses (unroutable,
-//! nacked) backs off alone through `next_attempt_at`.
+//! The mark becomes visible only with the commit after the confirms, so a row is
+//! published-in-the-table only once the broker has it. A crash between confirm
+//! and commit rolls the marks back and the rows go out again with the same
+//! message ids (consumers dedup through the inbox). On broker loss the rows are
+//! unmarked, the relay backs off and resumes when the connection is back. A row
+//! the broker refuses (unroutable, nacked) backs off alone through
+//! `next_attempt_at`.
 
 use std::{
     collections::HashMap,

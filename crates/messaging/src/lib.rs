@@ -33,7 +33,7 @@ pub use consumer::{
     ConsumerHandle, ConsumerOptions, ConsumerProbe, ConsumerStats, Handler, IncomingMessage,
     Outcome, spawn_consumer,
 };
-pub use histogram::{BUCKETS, Histogram};
+pub use histogram::Histogram;
 pub use inbox::{Inbox, Processed};
 pub use outbox::{NewMessage, enqueue};
 pub use publisher::{CONTENT_TYPE_PROTOBUF, OutgoingMessage, PublishError, Publisher};

@@ -16,9 +16,9 @@ use std::{
 };
 
 use messaging::{
-    AmqpSettings, Broker, ConsumerOptions, ExchangeSpec, ExchangeType, Handler, IncomingMessage,
-    NewMessage, Outcome, OutgoingMessage, Publisher, QueueSpec, RelayOptions, Topology, enqueue,
-    spawn_consumer, spawn_relay,
+    AmqpSettings, Broker, ConsumerOptions, Handler, IncomingMessage, NewMessage, Outcome,
+    OutgoingMessage, Publisher, QueueSpec, RelayOptions, Topology, enqueue, spawn_consumer,
+    spawn_relay,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -39,22 +39,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let exchange = format!("{base}.events");
     let dlx = format!("{base}.dlx");
     let queue = QueueSpec::new(format!("{base}.q"), &dlx).bind(&exchange, "#");
-    let topology = Topology {
-        exchanges: vec![
-            ExchangeSpec {
-                name: exchange.clone(),
-                kind: ExchangeType::Topic,
-            },
-            ExchangeSpec {
-                name: dlx.clone(),
-                kind: ExchangeType::Direct,
-            },
-        ],
-        exchange_bindings: vec![],
-        queues: vec![queue.clone()],
-    };
+    let topology = Topology::single_queue(&exchange, &dlx, queue.clone());
     let settings = AmqpSettings::from_url(&testkit::amqp_url())?;
-    let broker = Broker::connect(settings, topology).await?;
+    let broker = Broker::connect(settings, topology.clone()).await?;
     let db = testkit::TestDb::create().await;
     messaging::migrations::migrate(&db.pool).await?;
     let (conn, ch) = raw().await;
@@ -205,20 +192,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     shutdown.cancel();
     relay.join().await;
     consumer.join().await;
-    for q in [queue.name.clone(), queue.dlq_name()].into_iter().chain(
-        queue
-            .retry
-            .delays
-            .iter()
-            .map(|d| queue.retry_queue_name(*d)),
-    ) {
-        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-    }
-    for e in [&exchange, &dlx] {
-        let _ = ch
-            .exchange_delete(e.as_str().into(), Default::default())
-            .await;
-    }
+    let _ = topology.delete(&ch).await;
     let _ = conn.close(200, "bye".into()).await;
     broker.close().await;
     db.drop_db().await;

@@ -19,7 +19,10 @@ use std::time::Duration;
 
 use lapin::{
     Channel, ExchangeKind,
-    options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{
+        ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    },
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 
@@ -133,6 +136,18 @@ impl QueueSpec {
         format!("{}.retry.{}ms", self.name, delay.as_millis())
     }
 
+    /// Every queue [`declare`](Self::declare) creates: the queue, its DLQ and its
+    /// retry queues.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut delays = self.retry.delays.clone();
+        delays.sort();
+        delays.dedup();
+        [self.name.clone(), self.dlq_name()]
+            .into_iter()
+            .chain(delays.into_iter().map(|d| self.retry_queue_name(d)))
+            .collect()
+    }
+
     /// Declares the queue, its DLQ, its retry queues and bindings. The exchanges it
     /// binds to must exist.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
@@ -192,6 +207,46 @@ impl QueueSpec {
 }
 
 impl Topology {
+    /// One topic exchange, its dead-letter exchange and one queue: the smallest
+    /// topology the consumer runtime works on (tests and benchmarks).
+    pub fn single_queue(exchange: &str, dead_letter_exchange: &str, queue: QueueSpec) -> Self {
+        Self {
+            exchanges: vec![
+                ExchangeSpec {
+                    name: exchange.to_owned(),
+                    kind: ExchangeType::Topic,
+                },
+                ExchangeSpec {
+                    name: dead_letter_exchange.to_owned(),
+                    kind: ExchangeType::Direct,
+                },
+            ],
+            exchange_bindings: vec![],
+            queues: vec![queue],
+        }
+    }
+
+    /// Deletes every queue and exchange [`declare`](Self::declare) creates, with
+    /// their messages: the teardown of a scratch topology.
+    pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
+        for queue in &self.queues {
+            for name in queue.queue_names() {
+                channel
+                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                    .await?;
+            }
+        }
+        for exchange in &self.exchanges {
+            channel
+                .exchange_delete(
+                    exchange.name.as_str().into(),
+                    ExchangeDeleteOptions::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Declares everything, exchanges first. Safe to run concurrently from replicas.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         for exchange in &self.exchanges {

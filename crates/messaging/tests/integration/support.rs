@@ -3,11 +3,8 @@ use std::{
     time::Duration,
 };
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
-use messaging::{
-    AmqpSettings, Backoff, Broker, ExchangeSpec, ExchangeType, FieldTable, QueueSpec, RetryPolicy,
-    Topology,
-};
+use lapin::options::QueueDeclareOptions;
+use messaging::{AmqpSettings, Backoff, Broker, FieldTable, QueueSpec, RetryPolicy, Topology};
 use opentelemetry::trace::TracerProvider as _;
 use tracing_subscriber::{Layer, layer::SubscriberExt};
 
@@ -67,20 +64,7 @@ impl Names {
     }
 
     pub fn topology(&self) -> Topology {
-        Topology {
-            exchanges: vec![
-                ExchangeSpec {
-                    name: self.exchange.clone(),
-                    kind: ExchangeType::Topic,
-                },
-                ExchangeSpec {
-                    name: self.dlx.clone(),
-                    kind: ExchangeType::Direct,
-                },
-            ],
-            exchange_bindings: vec![],
-            queues: vec![self.queue.clone()],
-        }
+        Topology::single_queue(&self.exchange, &self.dlx, self.queue.clone())
     }
 
     /// Deletes everything the topology declared.
@@ -92,20 +76,7 @@ impl Names {
         let Ok(ch) = conn.create_channel().await else {
             return;
         };
-        let mut queues = vec![self.queue.name.clone(), self.queue.dlq_name()];
-        for delay in &self.queue.retry.delays {
-            queues.push(self.queue.retry_queue_name(*delay));
-        }
-        for q in queues {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for e in [&self.exchange, &self.dlx] {
-            let _ = ch
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        let _ = self.topology().delete(&ch).await;
         let _ = conn.close(200, "bye".into()).await;
     }
 }

@@ -21,9 +21,8 @@ use contracts::{
     events::v1::{OrderItem, OrderPlaced},
 };
 use messaging::{
-    AmqpSettings, Broker, ConsumerOptions, ExchangeSpec, ExchangeType, Handler, IncomingMessage,
-    Outcome, OutgoingMessage, Publisher, QueueSpec, RelayOptions, Topology, spawn_consumer,
-    spawn_relay,
+    AmqpSettings, Broker, ConsumerOptions, Handler, IncomingMessage, Outcome, OutgoingMessage,
+    Publisher, QueueSpec, RelayOptions, Topology, spawn_consumer, spawn_relay,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -45,64 +44,30 @@ pub fn sample_payload() -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// A scratch database with order-service's schema, dropped after the measure.
 pub struct Scratch {
     pub pool: sqlx::PgPool,
-    name: String,
-    admin_url: String,
+    db: testkit::TestDb,
 }
 
 impl Scratch {
-    /// A fresh database with order-service's schema.
     pub async fn create(
         admin_url: &str,
         pool_size: u32,
     ) -> Result<Self, Box<dyn std::error::Error>> {
-        let name = format!(
-            "loadgen_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let admin = sqlx::PgPool::connect(admin_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&admin)
-            .await?;
-        admin.close().await;
-        let url = replace_database(admin_url, &name);
-        let pool =
-            service_kit::database::connect_and_migrate(&url, pool_size, order_service::MIGRATIONS)
-                .await?;
-        Ok(Self {
-            pool,
-            name,
-            admin_url: admin_url.to_owned(),
-        })
+        let db = testkit::TestDb::try_create_on(admin_url, "loadgen").await?;
+        let pool = service_kit::database::connect_and_migrate(
+            &db.url,
+            pool_size,
+            order_service::MIGRATIONS,
+        )
+        .await?;
+        Ok(Self { pool, db })
     }
 
     pub async fn drop_db(self) {
         self.pool.close().await;
-        if let Ok(admin) = sqlx::PgPool::connect(&self.admin_url).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            )))
-            .execute(&admin)
-            .await;
-            admin.close().await;
-        }
-    }
-}
-
-fn replace_database(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let start = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[start..].find('/') {
-        Some(slash) => &base[..start + slash],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
+        self.db.drop_db().await;
     }
 }
 
@@ -150,44 +115,20 @@ fn scratch_topology() -> (Topology, String, QueueSpec) {
     let exchange = format!("{base}.events");
     let dlx = format!("{base}.dlx");
     let queue = QueueSpec::new(format!("{base}.q"), &dlx).bind(&exchange, "#");
-    let topology = Topology {
-        exchanges: vec![
-            ExchangeSpec {
-                name: exchange.clone(),
-                kind: ExchangeType::Topic,
-            },
-            ExchangeSpec {
-                name: dlx,
-                kind: ExchangeType::Direct,
-            },
-        ],
-        exchange_bindings: vec![],
-        queues: vec![queue.clone()],
-    };
-    (topology, exchange, queue)
+    (
+        Topology::single_queue(&exchange, &dlx, queue.clone()),
+        exchange,
+        queue,
+    )
 }
 
 /// Removes a scratch topology.
-async fn delete(amqp_url: &str, topology: &Topology, queue: &QueueSpec) {
+async fn delete(amqp_url: &str, topology: &Topology) {
     let Ok(conn) = lapin::Connection::connect(amqp_url, Default::default()).await else {
         return;
     };
     if let Ok(ch) = conn.create_channel().await {
-        let queues = [queue.name.clone(), queue.dlq_name()].into_iter().chain(
-            queue
-                .retry
-                .delays
-                .iter()
-                .map(|d| queue.retry_queue_name(*d)),
-        );
-        for q in queues {
-            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-        }
-        for e in &topology.exchanges {
-            let _ = ch
-                .exchange_delete(e.name.as_str().into(), Default::default())
-                .await;
-        }
+        let _ = topology.delete(&ch).await;
     }
     let _ = conn.close(200, "done".into()).await;
 }
@@ -263,7 +204,7 @@ pub async fn broker(
     let consume_rate = sent as f64 / started.elapsed().as_secs_f64();
     shutdown.cancel();
     consumer.join().await;
-    delete(amqp_url, &topology, &queue).await;
+    delete(amqp_url, &topology).await;
     broker.close().await;
     Ok((publish_rate, consume_rate))
 }
@@ -276,7 +217,7 @@ pub async fn relay(
     count: usize,
 ) -> Result<f64, Box<dyn std::error::Error>> {
     let scratch = Scratch::create(admin_url, 8).await?;
-    let (topology, exchange, queue) = scratch_topology();
+    let (topology, exchange, _) = scratch_topology();
     let broker = Broker::connect(AmqpSettings::from_url(amqp_url)?, topology.clone()).await?;
     sqlx::query(
         "INSERT INTO outbox (id, exchange, routing_key, type, payload, headers, correlation_id)
@@ -311,7 +252,7 @@ pub async fn relay(
     let rate = count as f64 / started.elapsed().as_secs_f64();
     shutdown.cancel();
     handle.join().await;
-    delete(amqp_url, &topology, &queue).await;
+    delete(amqp_url, &topology).await;
     broker.close().await;
     scratch.drop_db().await;
     Ok(rate)

@@ -30,40 +30,50 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    admin_url: String,
     dropped: bool,
 }
 
 impl TestDb {
-    /// Creates a uniquely named database and connects a pool to it.
+    /// Creates a uniquely named database next to `DATABASE_URL` and connects a
+    /// pool to it; panics, naming the server, when it cannot.
     pub async fn create() -> Self {
-        let name = crate::unique("shop_test");
-        let mut admin = PgConnection::connect(&database_url())
+        Self::try_create_on(&database_url(), "shop_test")
             .await
-            .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {}: {e}", database_url()));
+            .unwrap_or_else(|e| panic!("cannot create a test database at {}: {e}", database_url()))
+    }
+
+    /// Creates a database named `<prefix>_<random>` on the server of `admin_url`
+    /// and connects a pool to it.
+    pub async fn try_create_on(admin_url: &str, prefix: &str) -> Result<Self, sqlx::Error> {
+        let name = crate::unique(prefix);
+        let mut admin = PgConnection::connect(admin_url).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
             .execute(&mut admin)
-            .await
-            .expect("create test database");
+            .await?;
         let _ = admin.close().await;
-        let url = url_for(&database_url(), &name);
-        let pool = PgPoolOptions::new()
-            .max_connections(10)
-            .connect(&url)
-            .await
-            .expect("connect to test database");
-        Self {
+        let url = url_for(admin_url, &name);
+        let pool = match PgPoolOptions::new().max_connections(10).connect(&url).await {
+            Ok(pool) => pool,
+            Err(e) => {
+                drop_database(admin_url, &name).await;
+                return Err(e);
+            }
+        };
+        Ok(Self {
             name,
             url,
             pool,
+            admin_url: admin_url.to_owned(),
             dropped: false,
-        }
+        })
     }
 
     /// Closes the pool and drops the database.
     pub async fn drop_db(mut self) {
         self.dropped = true;
         self.pool.close().await;
-        drop_database(&self.name).await;
+        drop_database(&self.admin_url, &self.name).await;
     }
 }
 
@@ -74,13 +84,13 @@ impl Drop for TestDb {
         }
         // No async in Drop, and this may run on a runtime thread: drop the
         // database from a thread of its own with a small runtime.
-        let name = self.name.clone();
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
         let _ = std::thread::spawn(move || {
             if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                runtime.block_on(drop_database(&name));
+                runtime.block_on(drop_database(&admin_url, &name));
             }
         })
         .join();
@@ -88,8 +98,8 @@ impl Drop for TestDb {
 }
 
 /// `DROP DATABASE ... WITH (FORCE)`: open connections are terminated first.
-async fn drop_database(name: &str) {
-    if let Ok(mut admin) = PgConnection::connect(&database_url()).await {
+async fn drop_database(admin_url: &str, name: &str) {
+    if let Ok(mut admin) = PgConnection::connect(admin_url).await {
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
         )))

@@ -43,14 +43,38 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("cannot create a test database at {}: {e}", database_url()))
     }
 
+    /// Like [`Self::create`], but the database's default collation comes from
+    /// the ICU locale `icu_locale` (e.g. `en-US`, which orders `a-1` before `B-1`
+    /// where the server's usual `C` byte order puts `B-1` first), for code whose
+    /// correctness must not depend on the collation.
+    pub async fn create_with_icu_locale(icu_locale: &str) -> Self {
+        let quoted = icu_locale.replace('\'', "''");
+        let clause = format!("TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE '{quoted}'");
+        Self::try_create(&database_url(), "shop_test", &clause)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot create a test database with ICU locale {icu_locale} at {}: {e}",
+                    database_url()
+                )
+            })
+    }
+
     /// Creates a database named `<prefix>_<random>` on the server of `admin_url`
     /// and connects a pool to it.
     pub async fn try_create_on(admin_url: &str, prefix: &str) -> Result<Self, sqlx::Error> {
+        Self::try_create(admin_url, prefix, "").await
+    }
+
+    /// `clause` follows `CREATE DATABASE <name>` (trusted text, not user input).
+    async fn try_create(admin_url: &str, prefix: &str, clause: &str) -> Result<Self, sqlx::Error> {
         let name = crate::unique(prefix);
         let mut admin = PgConnection::connect(admin_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut admin)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE \"{name}\" {clause}"
+        )))
+        .execute(&mut admin)
+        .await?;
         let _ = admin.close().await;
         let url = url_for(admin_url, &name);
         let pool = match PgPoolOptions::new().max_connections(10).connect(&url).await {
@@ -134,6 +158,20 @@ mod tests {
         }));
         assert!(unwound.is_err());
         assert!(!exists(&name).await, "{name} was left behind");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_database_with_an_icu_locale_orders_by_that_locale() {
+        let db = TestDb::create_with_icu_locale("en-US").await;
+
+        let sorted: Vec<String> =
+            sqlx::query_scalar("SELECT s FROM unnest(ARRAY['c-1', 'B-1', 'a-1']) AS s ORDER BY s")
+                .fetch_all(&db.pool)
+                .await
+                .expect("query");
+
+        assert_eq!(sorted, ["a-1", "B-1", "c-1"]);
+        db.drop_db().await;
     }
 
     #[test]

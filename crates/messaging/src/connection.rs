@@ -29,7 +29,7 @@ use lapin::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{AmqpSettings, Topology};
+use crate::{AmqpSettings, Heartbeat, Topology};
 
 /// Why the broker could not be used at startup. Each variant displays as one line
 /// that names what is wrong and never the password.
@@ -86,6 +86,8 @@ struct Inner {
     reconnects: AtomicU64,
     blocked: AtomicBool,
     shutdown: CancellationToken,
+    /// The supervisor's proof of life (liveness).
+    heartbeat: Heartbeat,
 }
 
 impl Broker {
@@ -107,6 +109,7 @@ impl Broker {
                 reconnects: AtomicU64::new(0),
                 blocked: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
+                heartbeat: Heartbeat::default(),
             }),
         };
         tokio::spawn(supervise(broker.inner.clone(), connection));
@@ -131,6 +134,19 @@ impl Broker {
     /// True while the broker blocks publishing (a memory or disk alarm).
     pub fn is_blocked(&self) -> bool {
         self.inner.blocked.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the broker blocks this connection (polled: the flag is set
+    /// by the supervisor from the connection's events).
+    pub(crate) async fn blocked_signal(&self) {
+        while !self.is_blocked() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The supervisor's heartbeat: it stops only if the supervisor is wedged.
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.inner.heartbeat
     }
 
     /// How many times the connection was rebuilt since startup.
@@ -201,7 +217,16 @@ impl Broker {
         if let Some(connection) = link.connection
             && connection.status().connected()
         {
-            let _ = connection.close(200, "shutdown".into()).await;
+            // Bounded: the client library can leave a close pending forever
+            // when the peer stops answering.
+            let closed = tokio::time::timeout(
+                Duration::from_secs(5),
+                connection.close(200, "shutdown".into()),
+            )
+            .await;
+            if closed.is_err() {
+                tracing::warn!("RabbitMQ connection did not close within 5 s; dropping it");
+            }
         }
         self.inner.link.send_modify(|l| l.connection = None);
     }
@@ -221,13 +246,30 @@ async fn supervise(inner: Arc<Inner>, mut connection: Arc<Connection>) {
         connection = loop {
             tokio::select! {
                 () = inner.shutdown.cancelled() => return,
-                () = tokio::time::sleep(inner.settings.backoff.delay(attempt)) => {}
+                () = inner.heartbeat.sleep(inner.settings.backoff.delay(attempt)) => {}
             }
-            let result = match open(&inner.settings).await {
-                Ok(c) => declare(&inner.settings, &c, &inner.topology)
-                    .await
-                    .map(|()| c),
-                Err(e) => Err(e),
+            inner.heartbeat.beat();
+            // Opening and declaring are both bounded (a connection that dies
+            // mid-declare can leave the declare pending forever) and give way to
+            // shutdown.
+            let attempt_result = async {
+                let c = open(&inner.settings).await?;
+                match declare_bounded(&inner.settings, &c, &inner.topology).await {
+                    Ok(()) => Ok(c),
+                    Err(e) => {
+                        // Do not leave a half-declared connection behind.
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            c.close(200, "topology declaration failed".into()),
+                        )
+                        .await;
+                        Err(e)
+                    }
+                }
+            };
+            let result = tokio::select! {
+                () = inner.shutdown.cancelled() => return,
+                result = attempt_result => result,
             };
             match result {
                 Ok(c) => break Arc::new(c),
@@ -252,6 +294,7 @@ async fn wait_until_dead(inner: &Inner, connection: &Connection) {
     // The event stream reports errors at once; the poll catches anything it misses.
     let mut poll = tokio::time::interval(Duration::from_millis(500));
     loop {
+        inner.heartbeat.beat();
         if !connection.status().connected() {
             return;
         }

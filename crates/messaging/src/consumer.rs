@@ -10,10 +10,20 @@
 //!     Retry ─▶ attempts left? ─yes─▶ Q.retry.<delay> (attempt+1) ─▶ ack
 //!                             └─no──▶ DLQ (reason, attempts) ─▶ ack
 //!     Reject / panic-free permanent failure ─▶ DLQ (reason) ─▶ ack
+//!     Unavailable (a dependency is down) ─▶ pause; the message waits, unsettled
+//!     no answer within the handler deadline ─▶ Retry (counted as timed out)
 //! ```
 //!
+//! Pausing is a kill switch for outages: when a handler says a dependency is
+//! unavailable (database unreachable, pool timed out), the runtime takes no new
+//! deliveries (the rest stays in the queue, in order), holds the ones it has,
+//! probes [`Handler::ready`] with backoff and, once it answers, runs the held
+//! messages again and resumes. No retry budget is spent on an outage, so nothing
+//! is dead-lettered because a database was away, however long.
+//!
 //! Moving a message (to a retry queue or the DLQ) is a confirmed publish followed
-//! by the ack, so a crash in between duplicates, never loses; inbox dedup absorbs
+//! by the ack (published on [`ConsumerOptions::publisher`], another connection,
+//! so a broker alarm that blocks publishing does not stop this one's acks), so a crash in between duplicates, never loses; inbox dedup absorbs
 //! the duplicate. If the move fails the delivery is nacked back to the queue, where
 //! the queue's `x-delivery-limit` bounds how often that can happen.
 //!
@@ -42,11 +52,17 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString},
 };
 use opentelemetry::Context;
-use tokio::{sync::Semaphore, task::JoinSet};
+use tokio::{
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
 
-use crate::{Backoff, Broker, Histogram, OutgoingMessage, Publisher, QueueSpec, propagation};
+use crate::{
+    Backoff, Broker, Heartbeat, Histogram, OutgoingMessage, PublishError, Publisher, QueueSpec,
+    propagation,
+};
 
 /// Upper bound for one ack, nack or channel close: the client library can leave
 /// such a call pending forever when the connection dies under it.
@@ -78,10 +94,27 @@ pub enum Outcome {
     Retry(String),
     /// A permanent failure (bad payload, unknown type, invariant broken): DLQ now.
     Reject(String),
+    /// A dependency of the handler is unavailable (not the message's fault): the
+    /// consumer pauses until [`Handler::ready`] answers, then runs it again.
+    Unavailable(String),
+}
+
+impl Outcome {
+    /// The outcome of a database failure: [`Outcome::Unavailable`] when the
+    /// database cannot be used at all ([`crate::availability::is_unavailable`]),
+    /// else [`Outcome::Retry`].
+    pub fn database(error: &sqlx::Error) -> Self {
+        let reason = format!("database: {error}");
+        if crate::availability::is_unavailable(error) {
+            Self::Unavailable(reason)
+        } else {
+            Self::Retry(reason)
+        }
+    }
 }
 
 /// A delivery whose envelope has been checked.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct IncomingMessage {
     pub queue: String,
     pub message_id: String,
@@ -105,6 +138,13 @@ pub struct IncomingMessage {
 /// only once per message (use the inbox for effects).
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, message: IncomingMessage) -> impl Future<Output = Outcome> + Send;
+
+    /// Whether the handler's dependencies answer again, asked while the consumer
+    /// is paused after [`Outcome::Unavailable`]. The default says yes, so the
+    /// held messages are simply tried again after the backoff.
+    fn ready(&self) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +159,12 @@ pub struct ConsumerOptions {
     pub backoff: Backoff,
     /// Larger bodies are dead-lettered unread (no handler is asked to decode them).
     pub max_body: usize,
+    /// A handler run that takes longer is abandoned and retried (and counted).
+    pub handler_timeout: Duration,
+    /// Publishes retries and dead letters; `None` publishes on the consuming
+    /// connection. Give it a publisher on another connection: a broker alarm
+    /// blocks every connection that publishes, acks included.
+    pub publisher: Option<Publisher>,
 }
 
 impl Default for ConsumerOptions {
@@ -129,6 +175,8 @@ impl Default for ConsumerOptions {
             app_id: "shop".to_owned(),
             backoff: Backoff::default(),
             max_body: 1024 * 1024,
+            handler_timeout: Duration::from_secs(30),
+            publisher: None,
         }
     }
 }
@@ -142,6 +190,10 @@ pub struct ConsumerStats {
     /// Deliveries sent back to the queue because settling failed.
     pub requeued: AtomicU64,
     pub subscriptions: AtomicU64,
+    /// Handler runs abandoned at the handler deadline (then retried).
+    pub timed_out: AtomicU64,
+    /// Times the consumer paused because a dependency was unavailable.
+    pub pauses: AtomicU64,
     /// Handler run times, seconds.
     pub handler_duration: Histogram,
 }
@@ -152,6 +204,8 @@ pub struct ConsumerHandle {
     queue: String,
     subscribed: Arc<AtomicBool>,
     stats: Arc<ConsumerStats>,
+    gate: watch::Receiver<Option<String>>,
+    heartbeat: Heartbeat,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -161,11 +215,23 @@ pub struct ConsumerProbe {
     pub queue: String,
     subscribed: Arc<AtomicBool>,
     pub stats: Arc<ConsumerStats>,
+    gate: watch::Receiver<Option<String>>,
+    heartbeat: Heartbeat,
 }
 
 impl ConsumerProbe {
     pub fn is_subscribed(&self) -> bool {
         self.subscribed.load(Ordering::Relaxed)
+    }
+
+    /// Why the consumer is paused, while it is.
+    pub fn paused(&self) -> Option<String> {
+        self.gate.borrow().clone()
+    }
+
+    /// The consumer loop's proof of life (liveness, not readiness).
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
     }
 }
 
@@ -175,6 +241,8 @@ impl ConsumerHandle {
             queue: self.queue.clone(),
             subscribed: self.subscribed.clone(),
             stats: self.stats.clone(),
+            gate: self.gate.clone(),
+            heartbeat: self.heartbeat.clone(),
         }
     }
 
@@ -202,6 +270,9 @@ struct Runtime<H> {
     subscribed: Arc<AtomicBool>,
     stats: Arc<ConsumerStats>,
     shutdown: CancellationToken,
+    /// `Some(reason)` while paused for an unavailable dependency.
+    gate: watch::Sender<Option<String>>,
+    heartbeat: Heartbeat,
 }
 
 /// Starts consuming `queue` with `handler` until `shutdown` fires.
@@ -214,8 +285,13 @@ pub fn spawn_consumer<H: Handler>(
 ) -> ConsumerHandle {
     let subscribed = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(ConsumerStats::default());
+    let (gate, gate_view) = watch::channel(None);
+    let heartbeat = Heartbeat::default();
     let runtime = Arc::new(Runtime {
-        publisher: Publisher::new(broker.clone(), options.app_id.clone()),
+        publisher: options
+            .publisher
+            .clone()
+            .unwrap_or_else(|| Publisher::new(broker.clone(), options.app_id.clone())),
         broker,
         queue: queue.clone(),
         options,
@@ -223,13 +299,24 @@ pub fn spawn_consumer<H: Handler>(
         subscribed: subscribed.clone(),
         stats: stats.clone(),
         shutdown,
+        gate,
+        heartbeat: heartbeat.clone(),
     });
     ConsumerHandle {
         queue: queue.name,
         subscribed,
         stats,
+        gate: gate_view,
+        heartbeat,
         task: tokio::spawn(runtime.run()),
     }
+}
+
+/// How a delivery is settled once its handler gave a final answer.
+enum Verdict {
+    Ack,
+    Retry(String),
+    Reject(String),
 }
 
 enum End {
@@ -245,9 +332,13 @@ impl<H: Handler> Runtime<H> {
     async fn run(self: Arc<Self>) {
         let mut failures = 0u32;
         loop {
-            let link = tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                link = self.broker.connected() => match link { Some(l) => l, None => return },
+            self.heartbeat.beat();
+            let link = loop {
+                tokio::select! {
+                    () = self.shutdown.cancelled() => return,
+                    link = self.broker.connected() => match link { Some(l) => break l, None => return },
+                    () = self.heartbeat.sleep(Duration::from_secs(1)) => {}
+                }
             };
             let Some(connection) = link.connection else {
                 continue;
@@ -268,7 +359,7 @@ impl<H: Handler> Runtime<H> {
                     tracing::info!(queue = %self.queue.name, "consumer subscribed");
                     let mut in_flight = JoinSet::new();
                     let end = tokio::select! {
-                        end = self.consume(consumer, &mut in_flight) => end,
+                        end = self.consume(consumer, &mut in_flight, generation) => end,
                         () = self.broker.lost(generation) => End::Lost,
                     };
                     self.subscribed.store(false, Ordering::Relaxed);
@@ -313,7 +404,7 @@ impl<H: Handler> Runtime<H> {
             failures = failures.saturating_add(1);
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
+                () = self.heartbeat.sleep(delay) => {}
             }
         }
     }
@@ -352,10 +443,17 @@ impl<H: Handler> Runtime<H> {
         self: &Arc<Self>,
         mut consumer: lapin::Consumer,
         in_flight: &mut JoinSet<()>,
+        generation: u64,
     ) -> End {
         let limit = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         loop {
+            self.heartbeat.beat();
             while in_flight.try_join_next().is_some() {}
+            // While paused no new delivery is taken: what the broker has not
+            // pushed yet stays in the queue, in order.
+            if !self.resumed(generation).await {
+                return End::Shutdown;
+            }
             let permit = tokio::select! {
                 () = self.shutdown.cancelled() => return End::Shutdown,
                 permit = limit.clone().acquire_owned() => match permit {
@@ -366,6 +464,8 @@ impl<H: Handler> Runtime<H> {
             let next = tokio::select! {
                 () = self.shutdown.cancelled() => return End::Shutdown,
                 next = consumer.next() => next,
+                // Idle is alive: beat, and look at the gate again.
+                () = tokio::time::sleep(Duration::from_secs(1)) => continue,
             };
             match next {
                 None => return End::Cancelled,
@@ -373,7 +473,7 @@ impl<H: Handler> Runtime<H> {
                 Some(Ok(delivery)) => {
                     let runtime = self.clone();
                     in_flight.spawn(async move {
-                        runtime.process(delivery).await;
+                        runtime.process(delivery, generation).await;
                         drop(permit);
                     });
                 }
@@ -381,44 +481,131 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    async fn process(&self, delivery: Delivery) {
-        let message = match self.envelope(&delivery) {
-            Ok(message) => message,
-            Err(reason) => {
-                tracing::warn!(queue = %self.queue.name, %reason, "poison message; dead-lettering");
-                self.dead_letter(&delivery, &reason, 0).await;
+    /// Waits while the consumer is paused. False on shutdown or when the
+    /// connection of `generation` is gone (the delivery then returns to the queue
+    /// when its channel closes, unsettled by us).
+    async fn resumed(&self, generation: u64) -> bool {
+        let mut gate = self.gate.subscribe();
+        if gate.borrow_and_update().is_none() {
+            return true;
+        }
+        tokio::select! {
+            () = self.shutdown.cancelled() => false,
+            () = self.broker.lost(generation) => false,
+            open = gate.wait_for(Option::is_none) => open.is_ok(),
+        }
+    }
+
+    /// Closes the gate for `reason`; the first to close it starts the probe.
+    fn pause(self: &Arc<Self>, reason: &str) {
+        let closed_now = self.gate.send_if_modified(|state| {
+            if state.is_none() {
+                *state = Some(reason.to_owned());
+                true
+            } else {
+                false
+            }
+        });
+        if closed_now {
+            self.stats.pauses.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(queue = %self.queue.name, %reason, "a dependency is unavailable; consumer paused, messages stay in the queue");
+            let runtime = self.clone();
+            tokio::spawn(async move { runtime.probe_until_ready().await });
+        }
+    }
+
+    /// Asks [`Handler::ready`] with backoff until it answers, then reopens the gate.
+    async fn probe_until_ready(self: Arc<Self>) {
+        let mut attempt = 0u32;
+        loop {
+            let delay = self
+                .options
+                .backoff
+                .delay(attempt)
+                .max(Duration::from_millis(100));
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = self.heartbeat.sleep(delay) => {}
+            }
+            match tokio::time::timeout(self.options.handler_timeout, self.handler.ready()).await {
+                Ok(Ok(())) => {
+                    self.gate.send_replace(None);
+                    tracing::info!(queue = %self.queue.name, probes = attempt + 1, "dependency answers again; consumer resumed");
+                    return;
+                }
+                Ok(Err(reason)) => {
+                    tracing::debug!(queue = %self.queue.name, %reason, "dependency still unavailable");
+                }
+                Err(_) => {
+                    tracing::debug!(queue = %self.queue.name, "dependency probe timed out");
+                }
+            }
+            attempt = attempt.saturating_add(1);
+        }
+    }
+
+    async fn process(self: &Arc<Self>, delivery: Delivery, generation: u64) {
+        let (outcome, attempt, span) = loop {
+            if !self.resumed(generation).await {
                 return;
             }
+            let message = match self.envelope(&delivery) {
+                Ok(message) => message,
+                Err(reason) => {
+                    tracing::warn!(queue = %self.queue.name, %reason, "poison message; dead-lettering");
+                    self.dead_letter(&delivery, &reason, 0).await;
+                    return;
+                }
+            };
+            let span = consumer_span(&message);
+            propagation::set_parent(&span, message.trace_context.clone());
+            propagation::tag_correlation(&span, message.correlation_id.as_deref());
+            let attempt = message.attempt;
+            let started = Instant::now();
+            let run = AssertUnwindSafe(self.handler.handle(message).instrument(span.clone()))
+                .catch_unwind();
+            let deadline = self.options.handler_timeout;
+            let outcome = match tokio::time::timeout(deadline, run).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(_)) => Outcome::Retry("handler panicked".to_owned()),
+                Err(_) => {
+                    self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(parent: &span, queue = %self.queue.name, ?deadline, "handler deadline passed; abandoning the run");
+                    Outcome::Retry(format!("handler did not finish within {deadline:?}"))
+                }
+            };
+            self.stats
+                .handler_duration
+                .observe(started.elapsed().as_secs_f64());
+            let verdict = match outcome {
+                Outcome::Unavailable(reason) => {
+                    span.record("shop.outcome", "paused");
+                    self.pause(&reason);
+                    continue;
+                }
+                Outcome::Ack => Verdict::Ack,
+                Outcome::Retry(reason) => Verdict::Retry(reason),
+                Outcome::Reject(reason) => Verdict::Reject(reason),
+            };
+            break (verdict, attempt, span);
         };
-        let span = consumer_span(&message);
-        propagation::set_parent(&span, message.trace_context.clone());
-        propagation::tag_correlation(&span, message.correlation_id.as_deref());
-        let attempt = message.attempt;
-        let started = Instant::now();
-        let outcome = AssertUnwindSafe(self.handler.handle(message).instrument(span.clone()))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| Outcome::Retry("handler panicked".to_owned()));
-        self.stats
-            .handler_duration
-            .observe(started.elapsed().as_secs_f64());
         async {
             match outcome {
-                Outcome::Ack => {
+                Verdict::Ack => {
                     tracing::Span::current().record("shop.outcome", "ack");
                     crate::faults::crash_point(crate::faults::points::CONSUMER_BEFORE_ACK);
                     self.ack(&delivery).await;
                 }
-                Outcome::Retry(reason) if attempt < self.queue.retry.max_attempts => {
+                Verdict::Retry(reason) if attempt < self.queue.retry.max_attempts => {
                     tracing::Span::current().record("shop.outcome", "retry");
                     self.retry(&delivery, &reason, attempt).await;
                 }
-                Outcome::Retry(reason) => {
+                Verdict::Retry(reason) => {
                     tracing::Span::current().record("shop.outcome", "dead-lettered");
                     let reason = format!("gave up after {attempt} attempts: {reason}");
                     self.dead_letter(&delivery, &reason, attempt).await;
                 }
-                Outcome::Reject(reason) => {
+                Verdict::Reject(reason) => {
                     tracing::Span::current().record("shop.outcome", "dead-lettered");
                     self.dead_letter(&delivery, &reason, attempt).await;
                 }
@@ -484,11 +671,11 @@ impl<H: Handler> Runtime<H> {
             }
             Ok(Err(error)) => tracing::warn!(
                 queue = %self.queue.name, %error,
-                "ack failed; the broker will redeliver the message"
+                "ack failed; the broker redelivers the message once its channel closes"
             ),
             Err(_) => tracing::warn!(
                 queue = %self.queue.name,
-                "ack timed out; the broker will redeliver the message"
+                "ack timed out; the broker redelivers the message once its channel closes"
             ),
         }
     }
@@ -503,10 +690,10 @@ impl<H: Handler> Runtime<H> {
         match tokio::time::timeout(SETTLE_TIMEOUT, delivery.acker.nack(options)).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
-                tracing::warn!(queue = %self.queue.name, %error, "nack failed; the broker will redeliver the message");
+                tracing::warn!(queue = %self.queue.name, %error, "nack failed; the broker redelivers the message once its channel closes");
             }
             Err(_) => {
-                tracing::warn!(queue = %self.queue.name, "nack timed out; the broker will redeliver the message")
+                tracing::warn!(queue = %self.queue.name, "nack timed out; the broker redelivers the message once its channel closes")
             }
         }
     }
@@ -525,7 +712,7 @@ impl<H: Handler> Runtime<H> {
         );
         set_str(&mut copy.headers, headers::LAST_ERROR, reason);
         tracing::info!(queue = %self.queue.name, attempt, ?delay, %reason, "transient failure; retrying later");
-        match self.publisher.publish(&copy).await {
+        match self.publish_move(&copy).await {
             Ok(()) => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 self.ack(delivery).await;
@@ -547,7 +734,7 @@ impl<H: Handler> Runtime<H> {
         );
         set_str(&mut copy.headers, headers::FAILED_QUEUE, &self.queue.name);
         tracing::warn!(queue = %self.queue.name, %reason, attempts, "dead-lettering message");
-        match self.publisher.publish(&copy).await {
+        match self.publish_move(&copy).await {
             Ok(()) => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 self.ack(delivery).await;
@@ -555,6 +742,27 @@ impl<H: Handler> Runtime<H> {
             Err(error) => {
                 self.requeue(delivery, &format!("dead-lettering failed: {error}"))
                     .await
+            }
+        }
+    }
+
+    /// Publishes a retry or dead-letter copy. While the publish connection is down
+    /// or blocked by an alarm the delivery is held (unsettled) and the publish
+    /// waits: returning the message to the queue would spin it through its
+    /// delivery limit in seconds and have the broker dead-letter a healthy
+    /// message. Gives up on shutdown or when this delivery's channel is gone.
+    async fn publish_move(&self, copy: &OutgoingMessage) -> Result<(), PublishError> {
+        let generation = self.broker.current().generation;
+        loop {
+            match self.publisher.publish(copy).await {
+                Err(e @ (PublishError::Blocked | PublishError::NotConnected)) => {
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return Err(e),
+                        () = self.broker.lost(generation) => return Err(e),
+                        () = self.heartbeat.sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+                other => return other,
             }
         }
     }

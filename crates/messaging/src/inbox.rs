@@ -40,6 +40,16 @@ impl Inbox {
         &self.pool
     }
 
+    /// Whether the database answers a trivial query (the probe of a consumer
+    /// paused by an outage).
+    pub async fn ping(&self) -> Result<(), String> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(|e| format!("database: {e}"))
+    }
+
     /// Runs `work` once per message id. On `Err` nothing of it persists (nor the
     /// inbox record), so a retry runs it again.
     #[tracing::instrument(skip_all, fields(messaging.consumer.group.name = %self.consumer, messaging.message.id = %message_id))]

@@ -13,10 +13,12 @@
 //!  migrations                 embedded, own history table
 //! ```
 
+pub mod availability;
 mod backoff;
 mod connection;
 pub mod consumer;
 pub mod faults;
+mod heartbeat;
 mod histogram;
 pub mod inbox;
 pub mod migrations;
@@ -33,10 +35,13 @@ pub use consumer::{
     ConsumerHandle, ConsumerOptions, ConsumerProbe, ConsumerStats, Handler, IncomingMessage,
     Outcome, spawn_consumer,
 };
+pub use heartbeat::{Heartbeat, WEDGED_AFTER};
 pub use histogram::Histogram;
 pub use inbox::{Inbox, Processed};
 pub use outbox::{NewMessage, enqueue};
-pub use publisher::{CONTENT_TYPE_PROTOBUF, OutgoingMessage, PublishError, Publisher};
+pub use publisher::{
+    CONTENT_TYPE_PROTOBUF, DEFAULT_CONFIRM_TIMEOUT, OutgoingMessage, PublishError, Publisher,
+};
 pub use relay::{RelayHandle, RelayOptions, RelayProbe, RelayStatus, spawn_relay};
 pub use settings::{AmqpSettings, InvalidUrl};
 pub use topology::{ExchangeBinding, ExchangeSpec, ExchangeType, QueueSpec, RetryPolicy, Topology};

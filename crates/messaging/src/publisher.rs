@@ -1,9 +1,17 @@
 //! Confirmed publishing: every message goes out `mandatory`, persistent, on a
 //! channel in confirm mode, and a publish succeeds only when the broker confirmed
-//! it. An unroutable message (returned) and a nack are errors; so is a confirm that
-//! does not come within `confirm_timeout`, and a publish while disconnected fails at
-//! once instead of waiting. A batch puts all its messages on the wire before
-//! awaiting any confirm, so throughput is not bound by one round trip per message.
+//! it. An unroutable message (returned) and a nack are errors; so is a batch that
+//! is not confirmed within `confirm_timeout`, and a publish while disconnected or
+//! blocked by a broker alarm fails at once instead of waiting. A batch puts all its
+//! messages on the wire before awaiting any confirm, so throughput is not bound by
+//! one round trip per message.
+//!
+//! One deadline bounds the whole batch (sends and confirms), and the batch is
+//! abandoned as soon as the broker blocks the connection, so a caller holding a
+//! database transaction around it never holds it longer than `confirm_timeout`.
+//! Sending stops at the first failed send. After a timeout, an abandoned batch or
+//! a channel error the channel is discarded: a late confirm or return on it could
+//! otherwise settle a later message (see `publish_batch`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -21,6 +29,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::{Broker, propagation};
 
 pub const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf";
+
+/// How long a whole batch may take, sends and confirms: under the
+/// `idle_in_transaction` and statement bounds of a caller's transaction.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A message to publish, with its envelope.
 #[derive(Clone, Debug)]
@@ -80,10 +92,43 @@ pub enum PublishError {
     },
     #[error("RabbitMQ refused the message (nack)")]
     Nacked,
+    /// The broker closed the channel with a channel-level error (e.g. 404 for a
+    /// missing exchange, 406 for a body over its maximum size). Every unconfirmed
+    /// message of the batch sees it: only a message published alone is known to
+    /// have caused it.
+    #[error("RabbitMQ closed the channel: {code} {text}")]
+    ChannelClosed { code: u16, text: String },
+    #[error("RabbitMQ blocked publishing on this connection (resource alarm)")]
+    Blocked,
     #[error("no publisher confirm within {0:?}")]
     ConfirmTimeout(Duration),
+    #[error("not sent: an earlier message of the batch could not be sent")]
+    NotSent,
     #[error("publish failed: {0}")]
     Broker(String),
+}
+
+impl PublishError {
+    /// True when the message itself was refused (it would fail again on a healthy
+    /// broker), false when the broker or the connection failed.
+    pub fn is_message_refused(&self) -> bool {
+        matches!(
+            self,
+            Self::Unroutable { .. } | Self::Nacked | Self::ChannelClosed { .. }
+        )
+    }
+
+    fn from_lapin(error: &lapin::Error) -> Self {
+        if let lapin::ErrorKind::ProtocolError(amqp) = error.kind()
+            && matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+        {
+            return Self::ChannelClosed {
+                code: amqp.get_id(),
+                text: amqp.get_message().to_string(),
+            };
+        }
+        Self::Broker(error.to_string())
+    }
 }
 
 /// Publishes with confirms on its own channel, reopened after reconnects.
@@ -108,7 +153,7 @@ impl Publisher {
             inner: Arc::new(Inner {
                 broker,
                 app_id: app_id.into(),
-                confirm_timeout: Duration::from_secs(15),
+                confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
                 channel: Mutex::new(None),
             }),
         }
@@ -135,17 +180,31 @@ impl Publisher {
             .unwrap_or(Err(PublishError::NotConnected))
     }
 
+    /// True while the broker blocks this publisher's connection (an alarm).
+    pub fn is_blocked(&self) -> bool {
+        self.inner.broker.is_blocked()
+    }
+
+    /// True while this publisher's connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.inner.broker.is_connected()
+    }
+
     /// Publishes all messages, then awaits all confirms. The result at index `i`
     /// belongs to `messages[i]`.
     ///
     /// Batches on one publisher run one at a time. The client library hands a
     /// `basic.return` to an arbitrary confirm of a multiple-ack, so a return is
     /// matched to its message by `message_id`; with one batch in flight every
-    /// return belongs to it.
+    /// return belongs to it. For the same reason a channel whose batch did not
+    /// settle completely (timeout, alarm, channel error) is never reused.
     pub async fn publish_batch(
         &self,
         messages: &[OutgoingMessage],
     ) -> Vec<Result<(), PublishError>> {
+        if self.inner.broker.is_blocked() {
+            return vec![Err(PublishError::Blocked); messages.len()];
+        }
         let mut slot = self.inner.channel.lock().await;
         let channel = match self.channel(&mut slot).await {
             Ok(channel) => channel,
@@ -153,9 +212,20 @@ impl Publisher {
                 return vec![Err(e); messages.len()];
             }
         };
+        let timeout = self.inner.confirm_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let blocked = self.inner.broker.blocked_signal();
+        tokio::pin!(blocked);
         let mut pending = Vec::with_capacity(messages.len());
+        let mut spans = Vec::with_capacity(messages.len());
+        let mut failed = false;
         for message in messages {
             let span = producer_span(message);
+            spans.push(span.clone());
+            if failed {
+                pending.push(Err(PublishError::NotSent));
+                continue;
+            }
             let parent = message
                 .parent
                 .clone()
@@ -191,29 +261,46 @@ impl Publisher {
                     properties,
                 )
                 .instrument(span.clone());
-            // Sending can stay pending when the connection dies under it.
-            let sent = match tokio::time::timeout(self.inner.confirm_timeout, send).await {
-                Ok(sent) => sent.map_err(|e| PublishError::Broker(e.to_string())),
-                Err(_) => Err(PublishError::ConfirmTimeout(self.inner.confirm_timeout)),
+            // Sending can stay pending when the connection dies under it, or
+            // when the broker stops reading it (alarm).
+            let sent = tokio::select! {
+                sent = tokio::time::timeout_at(deadline, send) => match sent {
+                    Ok(sent) => sent.map_err(|e| PublishError::from_lapin(&e)),
+                    Err(_) => Err(PublishError::ConfirmTimeout(timeout)),
+                },
+                () = &mut blocked => Err(PublishError::Blocked),
             };
-            pending.push((sent, span));
+            failed = sent.is_err();
+            pending.push(sent);
         }
-        let timeout = self.inner.confirm_timeout;
-        let spans: Vec<tracing::Span> = pending.iter().map(|(_, span)| span.clone()).collect();
-        let confirmations = join_all(pending.into_iter().map(|(sent, span)| {
-            async move {
-                match sent {
-                    Err(e) => Err(e),
-                    Ok(confirm) => match tokio::time::timeout(timeout, confirm).await {
-                        Err(_) => Err(PublishError::ConfirmTimeout(timeout)),
-                        Ok(Err(e)) => Err(PublishError::Broker(e.to_string())),
-                        Ok(Ok(confirmation)) => Ok(confirmation),
-                    },
+        let confirmations = join_all(pending.into_iter().zip(spans.iter().cloned()).map(
+            |(sent, span)| {
+                async move {
+                    match sent {
+                        Err(e) => Err(e),
+                        Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                            Err(_) => Err(PublishError::ConfirmTimeout(timeout)),
+                            Ok(Err(e)) => Err(PublishError::from_lapin(&e)),
+                            Ok(Ok(confirmation)) => Ok(confirmation),
+                        },
+                    }
                 }
+                .instrument(span)
+            },
+        ));
+        // An alarm raised while confirms are outstanding abandons the batch: the
+        // broker stopped reading the connection, no confirm will come until the
+        // alarm clears.
+        let confirmations = tokio::select! {
+            all = confirmations => all,
+            () = &mut blocked => {
+                Self::discard(&mut slot);
+                return vec![Err(PublishError::Blocked); messages.len()];
             }
-            .instrument(span)
-        }))
-        .await;
+        };
+        if confirmations.iter().any(Result::is_err) {
+            Self::discard(&mut slot);
+        }
         drop(slot);
 
         let mut results = Vec::with_capacity(messages.len());
@@ -257,6 +344,20 @@ impl Publisher {
         results
     }
 
+    /// Forgets the channel and closes it in the background: its unsettled
+    /// confirms and returns must not reach a later batch.
+    fn discard(slot: &mut Option<(u64, Channel)>) {
+        if let Some((_, channel)) = slot.take() {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    channel.close(200, "discarded after an unsettled batch".into()),
+                )
+                .await;
+            });
+        }
+    }
+
     /// The confirm-mode channel of the current connection, opened on first use and
     /// after every reconnect or channel error.
     async fn channel(&self, slot: &mut Option<(u64, Channel)>) -> Result<Channel, PublishError> {
@@ -282,7 +383,7 @@ impl Publisher {
         let channel = tokio::time::timeout(self.inner.confirm_timeout, open)
             .await
             .map_err(|_| PublishError::ConfirmTimeout(self.inner.confirm_timeout))?
-            .map_err(|e| PublishError::Broker(e.to_string()))?;
+            .map_err(|e| PublishError::from_lapin(&e))?;
         *slot = Some((link.generation, channel.clone()));
         Ok(channel)
     }

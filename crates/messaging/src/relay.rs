@@ -13,10 +13,24 @@
 //! The mark becomes visible only with the commit after the confirms, so a row is
 //! published-in-the-table only once the broker has it. A crash between confirm
 //! and commit rolls the marks back and the rows go out again with the same
-//! message ids (consumers dedup through the inbox). On broker loss the rows are
-//! unmarked, the relay backs off and resumes when the connection is back. A row
-//! the broker refuses (unroutable, nacked) backs off alone through
-//! `next_attempt_at`.
+//! message ids (consumers dedup through the inbox).
+//!
+//! Failures are told apart by kind ([`PublishError::is_message_refused`]):
+//! - the broker or connection failed (down, blocked, timed out): the unconfirmed
+//!   rows are unmarked without blame and the relay backs off. No round starts
+//!   while the publish connection is down or blocked by an alarm, so no claim
+//!   transaction waits on a broker that cannot answer.
+//! - the broker refused one row (unroutable, nacked, or a channel error such as a
+//!   missing exchange or an oversized body): that row alone backs off
+//!   (`failures`, `next_attempt_at`, `last_error`) and after
+//!   [`RelayOptions::park_after`] refusals it is parked (`parked_at`): left for
+//!   the operator, counted in the status, never claimed again until retried. A
+//!   channel error hits every unconfirmed message of the batch, so the relay
+//!   publishes those one at a time to find the row that caused it.
+//! - a row that cannot be read (e.g. stored headers that are not a string map)
+//!   is parked at once.
+//!
+//! Every other row keeps flowing: a bad row never blocks the stream.
 
 use std::{
     collections::HashMap,
@@ -34,7 +48,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    Backoff, OutgoingMessage, PublishError, Publisher, outbox::NOTIFY_CHANNEL, propagation,
+    Backoff, Heartbeat, OutgoingMessage, PublishError, Publisher, outbox::NOTIFY_CHANNEL,
+    propagation,
 };
 
 /// How often the relay counts its backlog (for readiness and metrics).
@@ -57,8 +72,13 @@ pub struct RelayOptions {
     pub retention: Duration,
     /// How often published rows past retention are deleted.
     pub cleanup_every: Duration,
-    /// Readiness fails when the oldest unpublished row is older than this.
+    /// The relay reports itself stalled when the oldest unpublished row is older
+    /// than this (informational: the outbox holds rows as long as it must).
     pub stall_after: Duration,
+    /// Refusals of one row by the broker after which it is parked.
+    pub park_after: u32,
+    /// Back-off of a refused row: `initial * 2^(failures - 1)`, capped at `max`.
+    pub row_backoff: Backoff,
     /// Fault injection for tests: the next N batches are abandoned after their
     /// confirms and before marking, as if the process died there.
     pub fail_after_confirm: Arc<AtomicU32>,
@@ -74,6 +94,11 @@ impl Default for RelayOptions {
             retention: Duration::from_secs(24 * 3600),
             cleanup_every: Duration::from_secs(60),
             stall_after: Duration::from_secs(30),
+            park_after: 10,
+            row_backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(300),
+            },
             fail_after_confirm: Arc::new(AtomicU32::new(0)),
         }
     }
@@ -82,10 +107,12 @@ impl Default for RelayOptions {
 /// What the relay knows about its table, refreshed after every round.
 #[derive(Clone, Debug, Default)]
 pub struct RelayStatus {
-    /// Unpublished rows.
+    /// Unpublished rows waiting to go out (parked ones not counted).
     pub backlog: i64,
-    /// Age of the oldest unpublished row.
+    /// Age of the oldest unpublished, unparked row.
     pub oldest_unpublished: Option<Duration>,
+    /// Rows parked after repeated refusals, waiting for the operator.
+    pub parked: i64,
     pub last_error: Option<String>,
     /// Rows this relay published (confirmed and marked).
     pub published: u64,
@@ -98,6 +125,7 @@ pub struct RelayHandle {
     status: Arc<Mutex<RelayStatus>>,
     published: Arc<AtomicU64>,
     stall_after: Duration,
+    heartbeat: Heartbeat,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -107,6 +135,7 @@ pub struct RelayProbe {
     status: Arc<Mutex<RelayStatus>>,
     published: Arc<AtomicU64>,
     stall_after: Duration,
+    heartbeat: Heartbeat,
 }
 
 impl RelayProbe {
@@ -126,6 +155,11 @@ impl RelayProbe {
             .oldest_unpublished
             .is_none_or(|age| age < self.stall_after)
     }
+
+    /// The relay loop's proof of life (liveness, not readiness).
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
+    }
 }
 
 impl RelayHandle {
@@ -134,6 +168,7 @@ impl RelayHandle {
             status: self.status.clone(),
             published: self.published.clone(),
             stall_after: self.stall_after,
+            heartbeat: self.heartbeat.clone(),
         }
     }
 
@@ -158,6 +193,7 @@ struct Relay {
     options: RelayOptions,
     status: Arc<Mutex<RelayStatus>>,
     published: Arc<AtomicU64>,
+    heartbeat: Heartbeat,
 }
 
 /// Starts the relay for the `outbox` table of `pool` until `shutdown` fires.
@@ -170,17 +206,20 @@ pub fn spawn_relay(
     let status = Arc::new(Mutex::new(RelayStatus::default()));
     let published = Arc::new(AtomicU64::new(0));
     let stall_after = options.stall_after;
+    let heartbeat = Heartbeat::default();
     let relay = Relay {
         pool,
         publisher,
         options,
         status: status.clone(),
         published: published.clone(),
+        heartbeat: heartbeat.clone(),
     };
     RelayHandle {
         status,
         published,
         stall_after,
+        heartbeat,
         task: tokio::spawn(relay.run(shutdown)),
     }
 }
@@ -189,6 +228,8 @@ pub fn spawn_relay(
 enum RoundError {
     Database(sqlx::Error),
     Broker(PublishError),
+    /// No round was started: the publish connection is down or blocked.
+    Waiting(PublishError),
     Injected,
 }
 
@@ -196,7 +237,7 @@ impl std::fmt::Display for RoundError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Database(e) => write!(f, "database: {e}"),
-            Self::Broker(e) => write!(f, "broker: {e}"),
+            Self::Broker(e) | Self::Waiting(e) => write!(f, "broker: {e}"),
             Self::Injected => write!(f, "injected failure after confirm"),
         }
     }
@@ -216,7 +257,11 @@ impl Relay {
         let mut last_cleanup = tokio::time::Instant::now();
         let mut last_status = tokio::time::Instant::now() - STATUS_EVERY;
         loop {
-            let result = self.drain(&shutdown).await;
+            self.heartbeat.beat();
+            let result = match self.broker_state() {
+                Some(waiting) => Err(RoundError::Waiting(waiting)),
+                None => self.drain(&shutdown).await,
+            };
             // The status query is for readiness and metrics: a few times a second
             // is plenty, not after every wake-up under load.
             // A skipped refresh is made up at most STATUS_EVERY later, so the
@@ -234,6 +279,9 @@ impl Relay {
                     failures = 0;
                     None
                 }
+                // Waiting for the broker: look again soon, with no claim and no
+                // transaction meanwhile.
+                Err(RoundError::Waiting(_)) => Some(Duration::from_millis(250)),
                 Err(error) => {
                     tracing::warn!(%error, "outbox relay round failed; backing off");
                     failures = failures.saturating_add(1);
@@ -254,7 +302,7 @@ impl Relay {
                 // After a failure only the backoff wakes us: a notification
                 // storm must not turn into a retry storm.
                 () = wake.notified(), if pause.is_none() => {}
-                () = tokio::time::sleep(wait) => {}
+                () = self.heartbeat.sleep(wait) => {}
             }
         }
         listener.abort();
@@ -266,6 +314,10 @@ impl Relay {
     async fn drain(&self, shutdown: &CancellationToken) -> Result<(), RoundError> {
         let lane = || async {
             loop {
+                self.heartbeat.beat();
+                if let Some(waiting) = self.broker_state() {
+                    return Err(RoundError::Waiting(waiting));
+                }
                 let claimed = self.round().await?;
                 if claimed < self.options.batch_size || shutdown.is_cancelled() {
                     return Ok::<(), RoundError>(());
@@ -277,13 +329,27 @@ impl Relay {
         lanes.into_iter().collect()
     }
 
+    /// Why no round should start now: the publish connection is down or the
+    /// broker blocks it.
+    fn broker_state(&self) -> Option<PublishError> {
+        if !self.publisher.is_connected() {
+            Some(PublishError::NotConnected)
+        } else if self.publisher.is_blocked() {
+            Some(PublishError::Blocked)
+        } else {
+            None
+        }
+    }
+
     /// One batch: claim, publish, settle. Returns how many rows were claimed.
     ///
     /// The claim marks the rows published in the batch's open transaction, one
     /// write per row, and the commit after the confirms makes it true. Rows the
     /// broker did not confirm are unmarked in the same transaction before the
     /// commit; a crash anywhere before the commit rolls every mark back, so a row
-    /// is never published-in-the-table without its confirm.
+    /// is never published-in-the-table without its confirm. The publisher bounds
+    /// the batch (one deadline, abandoned on an alarm), so the transaction is
+    /// never held open for longer than its confirm timeout plus the settling.
     /// (No span of its own: each publish span continues its row's stored trace,
     /// and a span per poll would be a root trace of its own.)
     async fn round(&self) -> Result<i64, RoundError> {
@@ -292,7 +358,7 @@ impl Relay {
             "UPDATE outbox SET published_at = now(), attempts = attempts + 1, last_error = NULL
              WHERE seq IN (
                  SELECT seq FROM outbox
-                 WHERE published_at IS NULL
+                 WHERE published_at IS NULL AND parked_at IS NULL
                    AND (next_attempt_at IS NULL OR next_attempt_at <= now())
                  ORDER BY seq
                  LIMIT $1
@@ -307,17 +373,28 @@ impl Relay {
             tx.commit().await?;
             return Ok(0);
         }
+        let claimed = i64::try_from(rows.len()).unwrap_or(i64::MAX);
         // RETURNING has no order: publish in commit order.
         rows.sort_by_cached_key(|row| row.try_get::<i64, _>("seq").unwrap_or(i64::MAX));
-        let mut ids = Vec::with_capacity(rows.len());
+        let mut settle = Settle::default();
+        let mut seqs = Vec::with_capacity(rows.len());
         let mut messages = Vec::with_capacity(rows.len());
         for row in &rows {
-            let id: Uuid = row.try_get("id")?;
-            let headers: sqlx::types::Json<HashMap<String, String>> = row.try_get("headers")?;
-            messages.push(to_message(id, row, headers.0)?);
-            ids.push(id);
+            let seq: i64 = row.try_get("seq")?;
+            match to_message(row) {
+                Ok(message) => {
+                    seqs.push(seq);
+                    messages.push(message);
+                }
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "unreadable outbox row; parking it");
+                    settle
+                        .malformed
+                        .push((seq, format!("unreadable outbox row: {e}")));
+                }
+            }
         }
-        let results = self.publisher.publish_batch(&messages).await;
+        let mut results = self.publisher.publish_batch(&messages).await;
         if results.iter().any(Result::is_ok) {
             crate::faults::crash_point(crate::faults::points::RELAY_AFTER_CONFIRM);
         }
@@ -328,56 +405,114 @@ impl Relay {
             return Err(RoundError::Injected);
         }
 
-        let mut confirmed = 0usize;
-        let mut refused = Vec::new();
-        let mut refused_errors = Vec::new();
-        let mut unsent = Vec::new();
-        let mut broker_error = None;
-        for (id, result) in ids.iter().zip(results) {
+        if messages.len() > 1
+            && results
+                .iter()
+                .any(|r| matches!(r, Err(PublishError::ChannelClosed { .. })))
+        {
+            self.publish_alone(&messages, &mut results).await;
+        }
+        for ((seq, message), result) in seqs.iter().zip(&messages).zip(results) {
             match result {
-                Ok(()) => confirmed += 1,
-                Err(e @ (PublishError::Unroutable { .. } | PublishError::Nacked)) => {
-                    tracing::error!(message_id = %id, error = %e, "broker refused an outbox message; it will be retried");
-                    refused.push(*id);
-                    refused_errors.push(e.to_string());
+                Ok(()) => settle.confirmed += 1,
+                Err(e) if e.is_message_refused() => {
+                    tracing::error!(message_id = %message.message_id, error = %e, "broker refused an outbox message; it backs off alone");
+                    settle.refused.push((*seq, e.to_string()));
                 }
                 Err(e) => {
-                    unsent.push(*id);
-                    broker_error = Some(e);
+                    settle.unsent.push(*seq);
+                    settle.broker_error.get_or_insert(e);
                 }
             }
         }
-        // Every row claimed counts an attempt; those not confirmed are unmarked.
-        if !refused.is_empty() {
-            // Per-row backoff: 2^(attempts before this one) seconds, capped at 5 minutes.
+        self.settle(&mut tx, &settle).await?;
+        tx.commit().await?;
+        self.published
+            .fetch_add(settle.confirmed as u64, Ordering::Relaxed);
+        match settle.broker_error {
+            Some(e) => Err(RoundError::Broker(e)),
+            None => Ok(claimed),
+        }
+    }
+
+    /// A channel error cannot be pinned on one message of a batch: every
+    /// unconfirmed message saw it. Publishes those one at a time, so the message
+    /// the broker refuses is found and the others go out; stops at the first
+    /// failure of the broker itself (the rest stays unsent, blamed on nobody).
+    async fn publish_alone(
+        &self,
+        messages: &[OutgoingMessage],
+        results: &mut [Result<(), PublishError>],
+    ) {
+        for result in results.iter_mut() {
+            if matches!(result, Err(PublishError::ChannelClosed { .. })) {
+                *result = Err(PublishError::NotSent);
+            }
+        }
+        for (message, result) in messages.iter().zip(results.iter_mut()) {
+            if result.is_ok() || !matches!(result, Err(PublishError::NotSent)) {
+                continue;
+            }
+            *result = self.publisher.publish(message).await;
+            if matches!(result, Err(e) if !e.is_message_refused()) {
+                return;
+            }
+        }
+    }
+
+    /// Writes what the broker said of each claimed row, before the commit.
+    async fn settle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        settle: &Settle,
+    ) -> Result<(), sqlx::Error> {
+        let park_after = i32::try_from(self.options.park_after.max(1)).unwrap_or(i32::MAX);
+        if !settle.refused.is_empty() {
+            let (seqs, errors): (Vec<i64>, Vec<String>) = settle.refused.iter().cloned().unzip();
+            let parked: Vec<(String, bool)> = sqlx::query_as(
+                "UPDATE outbox AS o
+                 SET published_at = NULL, last_error = f.error, failures = o.failures + 1,
+                     next_attempt_at = now() + make_interval(secs => LEAST($4, $3 * power(2, o.failures))),
+                     parked_at = CASE WHEN o.failures + 1 >= $5 THEN now() END
+                 FROM unnest($1::bigint[], $2::text[]) AS f(seq, error)
+                 WHERE o.seq = f.seq
+                 RETURNING o.id::text, o.parked_at IS NOT NULL",
+            )
+            .bind(&seqs)
+            .bind(&errors)
+            .bind(self.options.row_backoff.initial.as_secs_f64())
+            .bind(self.options.row_backoff.max.as_secs_f64())
+            .bind(park_after)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (id, _) in parked.iter().filter(|(_, parked)| *parked) {
+                tracing::error!(message_id = %id, park_after, "outbox message parked after repeated refusals; see last_error");
+            }
+        }
+        if !settle.malformed.is_empty() {
+            let (seqs, errors): (Vec<i64>, Vec<String>) = settle.malformed.iter().cloned().unzip();
             sqlx::query(
                 "UPDATE outbox AS o
-                 SET published_at = NULL, last_error = f.error,
-                     next_attempt_at = now() + make_interval(secs => LEAST(300, power(2, o.attempts - 1)))
-                 FROM unnest($1::uuid[], $2::text[]) AS f(id, error)
-                 WHERE o.id = f.id",
+                 SET published_at = NULL, last_error = f.error, failures = o.failures + 1,
+                     parked_at = now()
+                 FROM unnest($1::bigint[], $2::text[]) AS f(seq, error)
+                 WHERE o.seq = f.seq",
             )
-            .bind(&refused)
-            .bind(&refused_errors)
+            .bind(&seqs)
+            .bind(&errors)
             .execute(&mut *tx)
             .await?;
         }
-        if let Some(error) = &broker_error {
+        if let Some(error) = &settle.broker_error {
             sqlx::query(
-                "UPDATE outbox SET published_at = NULL, last_error = $2 WHERE id = ANY($1)",
+                "UPDATE outbox SET published_at = NULL, last_error = $2 WHERE seq = ANY($1)",
             )
-            .bind(&unsent)
+            .bind(&settle.unsent)
             .bind(error.to_string())
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
-        self.published
-            .fetch_add(confirmed as u64, Ordering::Relaxed);
-        match broker_error {
-            Some(e) => Err(RoundError::Broker(e)),
-            None => Ok(i64::try_from(rows.len()).unwrap_or(i64::MAX)),
-        }
+        Ok(())
     }
 
     fn count_round(&self) {
@@ -387,10 +522,13 @@ impl Relay {
     }
 
     async fn refresh_status(&self, error: Option<&RoundError>) {
+        // Each part matches one partial index.
         let row = sqlx::query(
-            "SELECT count(*) AS backlog,
-                    EXTRACT(EPOCH FROM now() - min(created_at))::FLOAT8 AS oldest
-             FROM outbox WHERE published_at IS NULL",
+            "SELECT (SELECT count(*) FROM outbox
+                     WHERE published_at IS NULL AND parked_at IS NULL) AS backlog,
+                    (SELECT EXTRACT(EPOCH FROM now() - min(created_at))::FLOAT8 FROM outbox
+                     WHERE published_at IS NULL AND parked_at IS NULL) AS oldest,
+                    (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL) AS parked",
         )
         .fetch_one(&self.pool)
         .await;
@@ -400,6 +538,7 @@ impl Relay {
         match row {
             Ok(row) => {
                 status.backlog = row.try_get("backlog").unwrap_or(0);
+                status.parked = row.try_get("parked").unwrap_or(0);
                 status.oldest_unpublished = row
                     .try_get::<Option<f64>, _>("oldest")
                     .ok()
@@ -435,17 +574,31 @@ impl Relay {
     }
 }
 
+/// What one batch did to its rows.
+#[derive(Default)]
+struct Settle {
+    confirmed: usize,
+    /// Refused by the broker for what they are: back off alone, park eventually.
+    refused: Vec<(i64, String)>,
+    /// Unreadable: parked at once.
+    malformed: Vec<(i64, String)>,
+    /// Not confirmed because the broker or connection failed: unmarked, no blame.
+    unsent: Vec<i64>,
+    broker_error: Option<PublishError>,
+}
+
 fn take_one(counter: &AtomicU32) -> bool {
     counter
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
 }
 
-fn to_message(
-    id: Uuid,
-    row: &sqlx::postgres::PgRow,
-    mut stored: HashMap<String, String>,
-) -> Result<OutgoingMessage, sqlx::Error> {
+/// The row as a message; fails when a column cannot be read (e.g. stored headers
+/// that are not a map of strings).
+fn to_message(row: &sqlx::postgres::PgRow) -> Result<OutgoingMessage, sqlx::Error> {
+    let id: Uuid = row.try_get("id")?;
+    let sqlx::types::Json(mut stored) =
+        row.try_get::<sqlx::types::Json<HashMap<String, String>>, _>("headers")?;
     // The trace context stored at write time becomes the producer span's parent.
     let parent = propagation::extract_map(&stored);
     stored.remove(propagation::TRACEPARENT);

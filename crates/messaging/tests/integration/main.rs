@@ -9,4 +9,5 @@ mod outbox;
 mod preflight;
 mod publish;
 mod recovery;
+mod relay_faults;
 mod support;

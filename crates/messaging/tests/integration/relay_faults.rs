@@ -1,0 +1,146 @@
+//! Rows the broker refuses or that cannot be read back off alone and end parked,
+//! while every other row flows.
+
+use std::time::Duration;
+
+use messaging::{Backoff, Publisher, RelayOptions, spawn_relay};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{self, Names};
+
+fn parking_relay() -> RelayOptions {
+    RelayOptions {
+        park_after: 3,
+        row_backoff: Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        },
+        ..support::fast_relay()
+    }
+}
+
+async fn commit_good_rows(pool: &sqlx::PgPool, exchange: &str, n: usize) {
+    for i in 0..n {
+        support::commit_event(pool, exchange, &format!("good.{i}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_for_a_missing_exchange_is_parked_with_its_reason_and_the_rows_behind_it_flow() {
+    let db = support::database().await;
+    let names = Names::new(support::fast_retry(3));
+    let broker = support::broker(&names).await;
+    let shutdown = CancellationToken::new();
+    // The bad row is first in seq order: the one every claim meets first.
+    let bad = support::commit_event(&db.pool, &format!("{}.missing", names.exchange), "bad").await;
+    commit_good_rows(&db.pool, &names.exchange, 20).await;
+    let relay = spawn_relay(
+        db.pool.clone(),
+        Publisher::new(broker.clone(), "test"),
+        parking_relay(),
+        shutdown.clone(),
+    );
+    let (_conn, ch) = support::raw_channel().await;
+    testkit::wait_until(
+        "the 20 good rows in the queue",
+        Duration::from_secs(15),
+        || async { support::ready(&ch, &names.queue.name).await == 20 },
+    )
+    .await;
+    let (failures, error): (i32, String) = testkit::wait_for(
+        "the bad row to be parked",
+        Duration::from_secs(30),
+        || async {
+            sqlx::query_as(
+                "SELECT failures, last_error FROM outbox WHERE id = $1 AND parked_at IS NOT NULL",
+            )
+            .bind(bad)
+            .fetch_optional(&db.pool)
+            .await
+            .expect("query")
+        },
+    )
+    .await;
+    assert_eq!(failures, 3, "parked after park_after refusals");
+    assert!(error.contains("404"), "the reason is kept: {error}");
+    testkit::wait_until("the status to count it", Duration::from_secs(5), || async {
+        let status = relay.status();
+        status.parked == 1 && status.backlog == 0
+    })
+    .await;
+    // A parked row is not claimed again.
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM outbox WHERE id = $1")
+        .bind(bad)
+        .fetch_one(&db.pool)
+        .await
+        .expect("attempts");
+    commit_good_rows(&db.pool, &names.exchange, 1).await;
+    testkit::wait_until("the next good row", Duration::from_secs(10), || async {
+        support::ready(&ch, &names.queue.name).await == 21
+    })
+    .await;
+    let later: i32 = sqlx::query_scalar("SELECT attempts FROM outbox WHERE id = $1")
+        .bind(bad)
+        .fetch_one(&db.pool)
+        .await
+        .expect("attempts");
+    assert_eq!(later, attempts, "a parked row stays where it is");
+    shutdown.cancel();
+    relay.join().await;
+    broker.close().await;
+    names.cleanup().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_row_is_parked_at_once_and_the_rows_behind_it_flow() {
+    let db = support::database().await;
+    let names = Names::new(support::fast_retry(3));
+    let broker = support::broker(&names).await;
+    let shutdown = CancellationToken::new();
+    // Stored headers must be a map of strings; this one holds a number.
+    sqlx::query(
+        "INSERT INTO outbox (id, exchange, routing_key, type, payload, headers)
+         VALUES (gen_random_uuid(), $1, 'bad', 't', '\\x00', '{\"x-count\": 1}')",
+    )
+    .bind(&names.exchange)
+    .execute(&db.pool)
+    .await
+    .expect("insert");
+    commit_good_rows(&db.pool, &names.exchange, 10).await;
+    let relay = spawn_relay(
+        db.pool.clone(),
+        Publisher::new(broker.clone(), "test"),
+        parking_relay(),
+        shutdown.clone(),
+    );
+    let (_conn, ch) = support::raw_channel().await;
+    testkit::wait_until(
+        "the 10 good rows in the queue",
+        Duration::from_secs(15),
+        || async { support::ready(&ch, &names.queue.name).await == 10 },
+    )
+    .await;
+    let error: String =
+        testkit::wait_for("the row to be parked", Duration::from_secs(10), || async {
+            sqlx::query_scalar("SELECT last_error FROM outbox WHERE parked_at IS NOT NULL")
+                .fetch_optional(&db.pool)
+                .await
+                .expect("query")
+        })
+        .await;
+    assert!(error.contains("unreadable"), "{error}");
+    assert_eq!(
+        support::count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL"
+        )
+        .await,
+        0
+    );
+    shutdown.cancel();
+    relay.join().await;
+    broker.close().await;
+    names.cleanup().await;
+    db.drop_db().await;
+}

@@ -53,7 +53,12 @@ impl Handler for OrderEvents {
             .await;
         match result {
             Ok(Processed::Done(()) | Processed::Duplicate) => Outcome::Ack,
-            Err(e) => Outcome::Retry(format!("database: {e}")),
+            Err(e) => Outcome::database(&e),
         }
+    }
+
+    /// Asked while paused after an outage: the database answers again.
+    async fn ready(&self) -> Result<(), String> {
+        self.inbox.ping().await
     }
 }

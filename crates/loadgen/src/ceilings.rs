@@ -59,6 +59,7 @@ impl Scratch {
         let pool = service_kit::database::connect_and_migrate(
             &db.url,
             pool_size,
+            std::time::Duration::from_secs(15),
             order_service::MIGRATIONS,
         )
         .await?;

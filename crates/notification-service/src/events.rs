@@ -117,14 +117,14 @@ impl Handler for OrderEvents {
                     tracing::info!(order_id = %order_id, event = name, "notification: {}", summary(&event));
                 }
                 Ok(_) => {}
-                Err(e) => return Outcome::Retry(format!("database: {e}")),
+                Err(e) => return Outcome::database(&e),
             }
             let Some(webhook) = &self.webhook else {
                 return Outcome::Ack;
             };
             let pending = match store::pending_webhook(self.inbox.pool(), order_id, name).await {
                 Ok(p) => p,
-                Err(e) => return Outcome::Retry(format!("database: {e}")),
+                Err(e) => return Outcome::database(&e),
             };
             let Some((id, first_message_id, body)) = pending else {
                 return Outcome::Ack;
@@ -132,7 +132,7 @@ impl Handler for OrderEvents {
             match webhook.post(&first_message_id, &body).await {
                 Ok(()) => match store::mark_delivered(self.inbox.pool(), id).await {
                     Ok(()) => Outcome::Ack,
-                    Err(e) => Outcome::Retry(format!("database: {e}")),
+                    Err(e) => Outcome::database(&e),
                 },
                 Err((retry, reason)) => {
                     if let Err(e) = store::mark_failed(self.inbox.pool(), id, &reason).await {
@@ -144,6 +144,11 @@ impl Handler for OrderEvents {
         }
         .instrument(span)
         .await
+    }
+
+    /// Asked while paused after an outage: the database answers again.
+    async fn ready(&self) -> Result<(), String> {
+        self.inbox.ping().await
     }
 }
 

@@ -68,7 +68,12 @@ impl Handler for InventoryEvents {
         match result {
             Ok(Processed::Done(()) | Processed::Duplicate) => Outcome::Ack,
             Err(Failure::Permanent(reason)) => Outcome::Reject(reason),
-            Err(Failure::Database(e)) => Outcome::Retry(format!("database: {e}")),
+            Err(Failure::Database(e)) => Outcome::database(&e),
         }
+    }
+
+    /// Asked while paused after an outage: the database answers again.
+    async fn ready(&self) -> Result<(), String> {
+        self.inbox.ping().await
     }
 }

@@ -1,6 +1,6 @@
 //! Reading configuration from the environment. Every error names the variable.
 
-use std::{fmt, net::SocketAddr, str::FromStr};
+use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -114,25 +114,60 @@ pub fn amqp(env: &impl Env) -> Result<messaging::AmqpSettings, ConfigError> {
 
 pub use telemetry::LogFormat;
 
-/// The retry policy of a service's consumer: `RETRY_DELAYS_MS` (comma-separated,
-/// default `1000,5000,30000`) and `RETRY_MAX_ATTEMPTS` (default 5).
+/// A duration as written in configuration: a positive number with a unit, `ms`,
+/// `s`, `m` or `h` (`250ms`, `5s`, `2m`).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("'{raw}' has no unit (ms, s, m or h)"))?;
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{raw}' does not start with a whole number"))?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => {
+            return Err(format!(
+                "'{raw}' has an unknown unit '{other}' (ms, s, m or h)"
+            ));
+        }
+    };
+    if duration.is_zero() {
+        return Err(format!("'{raw}' is zero"));
+    }
+    Ok(duration)
+}
+
+/// A duration variable with a default.
+pub fn duration(
+    env: &impl Env,
+    name: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match optional(env, name) {
+        None => Ok(default),
+        Some(raw) => parse_duration(&raw).map_err(|reason| ConfigError::Invalid { name, reason }),
+    }
+}
+
+/// The retry policy of a service's consumer for failures of a message itself:
+/// `RETRY_DELAYS` (comma-separated durations, default `1s,5s,30s`) and
+/// `RETRY_MAX_ATTEMPTS` (default 5). Outages do not spend it: they pause the
+/// consumer instead.
 pub fn retry_policy(env: &impl Env) -> Result<messaging::RetryPolicy, ConfigError> {
-    let delays = match optional(env, "RETRY_DELAYS_MS") {
+    let delays = match optional(env, "RETRY_DELAYS") {
         None => messaging::RetryPolicy::default().delays,
         Some(raw) => raw
             .split(',')
             .map(|part| {
-                part.trim()
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|ms| *ms > 0)
-                    .map(std::time::Duration::from_millis)
-                    .ok_or_else(|| ConfigError::Invalid {
-                        name: "RETRY_DELAYS_MS",
-                        reason: format!(
-                            "'{raw}' (expected positive milliseconds, comma-separated)"
-                        ),
-                    })
+                parse_duration(part).map_err(|reason| ConfigError::Invalid {
+                    name: "RETRY_DELAYS",
+                    reason: format!("{reason} (expected durations such as 1s,5s,30s)"),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
@@ -160,11 +195,38 @@ pub fn log_format(env: &impl Env) -> Result<LogFormat, ConfigError> {
     }
 }
 
+/// A value that must never be printed (it may hold a password): `Debug` and
+/// `Display` show a placeholder; [`Secret::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// What every service's configuration holds.
 #[derive(Clone, Debug)]
 pub struct Common {
-    /// Never printed: it may hold a password.
-    pub database_url: String,
+    /// The database URL; it may hold a password, so it is a [`Secret`].
+    pub database_url: Secret,
     pub amqp: messaging::AmqpSettings,
     pub http_addr: SocketAddr,
     pub log_format: LogFormat,
@@ -173,6 +235,14 @@ pub struct Common {
     pub concurrency: usize,
     pub db_pool_size: u32,
     pub inbox_retention: std::time::Duration,
+    /// Server-side bound of one statement (`DATABASE_STATEMENT_TIMEOUT`); also
+    /// the bound of a transaction left idle (`idle_in_transaction_session_timeout`).
+    pub statement_timeout: Duration,
+    /// A handler run taking longer is abandoned and retried (`HANDLER_TIMEOUT`).
+    pub handler_timeout: Duration,
+    /// Refusals of one outbox row by the broker before it is parked
+    /// (`OUTBOX_PARK_AFTER`).
+    pub outbox_park_after: u32,
 }
 
 /// The variables [`Common::from_env`] reads.
@@ -184,8 +254,11 @@ pub const COMMON_VARIABLES: &[&str] = &[
     "DATABASE_URL_FILE",
     "HTTP_ADDR",
     "LOG_FORMAT",
-    "RETRY_DELAYS_MS",
+    "RETRY_DELAYS",
     "RETRY_MAX_ATTEMPTS",
+    "HANDLER_TIMEOUT",
+    "DATABASE_STATEMENT_TIMEOUT",
+    "OUTBOX_PARK_AFTER",
     "AMQP_PREFETCH",
     "CONSUMER_CONCURRENCY",
     "DATABASE_POOL_SIZE",
@@ -200,8 +273,15 @@ impl Common {
     ) -> Result<Self, ConfigError> {
         let mut amqp = amqp(env)?;
         service.clone_into(&mut amqp.connection_name);
+        let outbox_park_after = parsed(env, "OUTBOX_PARK_AFTER", 10u32)?;
+        if outbox_park_after == 0 {
+            return Err(ConfigError::Invalid {
+                name: "OUTBOX_PARK_AFTER",
+                reason: "0 (at least one attempt)".into(),
+            });
+        }
         Ok(Self {
-            database_url: database_url(env)?,
+            database_url: Secret::new(database_url(env)?),
             amqp,
             http_addr: http_addr(env, default_addr)?,
             log_format: log_format(env)?,
@@ -210,6 +290,13 @@ impl Common {
             concurrency: parsed(env, "CONSUMER_CONCURRENCY", 16)?,
             db_pool_size: parsed(env, "DATABASE_POOL_SIZE", 20)?,
             inbox_retention: std::time::Duration::from_secs(7 * 24 * 3600),
+            statement_timeout: duration(
+                env,
+                "DATABASE_STATEMENT_TIMEOUT",
+                Duration::from_secs(15),
+            )?,
+            handler_timeout: duration(env, "HANDLER_TIMEOUT", Duration::from_secs(30))?,
+            outbox_park_after,
         })
     }
 }
@@ -330,6 +417,56 @@ mod tests {
             Err(ConfigError::Missing("DATABASE_URL"))
         ));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn debug_output_of_the_config_never_shows_a_password() {
+        let common = Common::from_env(
+            &env(&[
+                ("DATABASE_URL", "postgres://shop:db-s3cret@db/orders"),
+                ("AMQP_URL", "amqp://shop:mq-s3cret@mq/shop"),
+            ]),
+            "order-service",
+            "0.0.0.0:8080",
+        )
+        .expect("config");
+        let printed = format!("{common:?} {common:#?} {}", common.database_url);
+        assert!(!printed.contains("db-s3cret"), "{printed}");
+        assert!(!printed.contains("mq-s3cret"), "{printed}");
+        assert_eq!(
+            common.database_url.expose(),
+            "postgres://shop:db-s3cret@db/orders"
+        );
+    }
+
+    #[test]
+    fn retry_delays_and_timeouts_take_units_and_name_the_variable_when_wrong() {
+        let policy = retry_policy(&env(&[("RETRY_DELAYS", "250ms, 5s,2m")])).expect("valid");
+        assert_eq!(
+            policy.delays,
+            [
+                Duration::from_millis(250),
+                Duration::from_secs(5),
+                Duration::from_secs(120)
+            ]
+        );
+        for bad in ["5", "1s,,2s", "0s", "3 days", "-1s"] {
+            let err = retry_policy(&env(&[("RETRY_DELAYS", bad)])).expect_err(bad);
+            assert!(
+                err.to_string().starts_with("RETRY_DELAYS is invalid"),
+                "{err}"
+            );
+        }
+        let err = duration(
+            &env(&[("HANDLER_TIMEOUT", "soon")]),
+            "HANDLER_TIMEOUT",
+            Duration::ZERO,
+        )
+        .expect_err("bad");
+        assert!(
+            err.to_string().starts_with("HANDLER_TIMEOUT is invalid"),
+            "{err}"
+        );
     }
 
     #[test]

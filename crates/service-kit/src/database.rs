@@ -29,9 +29,17 @@ pub enum DatabaseError {
 
 /// Connects a pool (failing fast with one clear line) and runs the messaging and
 /// service migrations.
+///
+/// Every pooled connection carries `statement_timeout` and
+/// `idle_in_transaction_session_timeout` = `statement_timeout`: a statement stuck
+/// on a lock, or a transaction whose holder stopped talking, is ended by the
+/// server instead of holding locks and a connection indefinitely. Migrations run
+/// on a connection of their own without those bounds (building an index may take
+/// longer).
 pub async fn connect_and_migrate(
     url: &str,
     max_connections: u32,
+    statement_timeout: Duration,
     migrations: &[(i64, &'static str, &'static str)],
 ) -> Result<PgPool, DatabaseError> {
     let options: PgConnectOptions = url
@@ -47,26 +55,33 @@ pub async fn connect_and_migrate(
     };
     // One direct connection first: a pool would only say "timed out", hiding
     // "connection refused" or "password authentication failed".
-    let probe = tokio::time::timeout(
+    let mut direct = tokio::time::timeout(
         Duration::from_secs(10),
         PgConnection::connect_with(&options),
     )
     .await
     .map_err(|_| connect_error(sqlx::Error::PoolTimedOut))?
     .map_err(connect_error)?;
-    let _ = probe.close().await;
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options.clone())
-        .await
-        .map_err(connect_error)?;
     let fail = |e: sqlx::migrate::MigrateError| DatabaseError::Migrate {
         database: database.clone(),
         reason: e.to_string(),
     };
-    messaging::migrations::migrate(&pool).await.map_err(fail)?;
-    migrator(migrations).run(&pool).await.map_err(fail)?;
+    messaging::migrations::migrate(&mut direct)
+        .await
+        .map_err(fail)?;
+    migrator(migrations).run(&mut direct).await.map_err(fail)?;
+    let _ = direct.close().await;
+    let bound = format!("{}ms", statement_timeout.as_millis());
+    let pooled = options.clone().options([
+        ("statement_timeout", bound.as_str()),
+        ("idle_in_transaction_session_timeout", bound.as_str()),
+    ]);
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(pooled)
+        .await
+        .map_err(connect_error)?;
     Ok(pool)
 }
 

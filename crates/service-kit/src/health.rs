@@ -1,5 +1,15 @@
-//! `/healthz` (the process answers), `/readyz` (every dependency really works)
-//! and `/metrics`, shared by all services.
+//! The probes and `/metrics`, shared by all services.
+//!
+//! - `/readyz` (readiness: may this replica get traffic?) is 200 exactly when the
+//!   service's database answers: then it can take and serve requests. The broker,
+//!   the consumers (subscribed, paused) and the relay (backlog, oldest age, parked
+//!   rows) are reported in the body but never make a replica unready: while the
+//!   broker is away the outbox keeps taking orders, and taking every replica out
+//!   of service then would turn intake away for nothing.
+//! - `/healthz` (liveness: should this process be restarted?) fails only when a
+//!   loop of the runtime is wedged: a connection supervisor, a consumer or the
+//!   relay has not beaten its heartbeat for [`messaging::WEDGED_AFTER`]. A
+//!   dependency being down is not a reason to restart.
 
 use std::{fmt::Write, sync::Arc};
 
@@ -31,14 +41,24 @@ struct Readiness {
 struct Check {
     name: String,
     ok: bool,
+    /// Only critical checks decide readiness; the others are information.
+    critical: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Liveness {
+    alive: bool,
+    /// The loops that stopped beating, with the age of their last beat.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    wedged: Vec<String>,
 }
 
 impl Health {
     pub fn router<S>(self) -> Router<S> {
         Router::new()
-            .route("/healthz", get(|| async { "ok" }))
+            .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
             .with_state(Arc::new(self))
@@ -58,8 +78,30 @@ impl Health {
         Check {
             name: "broker".into(),
             ok: self.brokers.iter().all(|(_, b)| b.is_connected()),
+            critical: false,
             detail: (!notes.is_empty()).then(|| notes.join(", ")),
         }
+    }
+
+    /// The runtime loops whose heartbeat stopped.
+    fn wedged(&self) -> Vec<String> {
+        let mut beats: Vec<(String, &messaging::Heartbeat)> = Vec::new();
+        for (role, broker) in &self.brokers {
+            beats.push((format!("{role} connection supervisor"), broker.heartbeat()));
+        }
+        for consumer in &self.consumers {
+            beats.push((format!("consumer {}", consumer.queue), consumer.heartbeat()));
+        }
+        if let Some(relay) = &self.relay {
+            beats.push(("outbox relay".into(), relay.heartbeat()));
+        }
+        beats
+            .into_iter()
+            .filter(|(_, beat)| !beat.is_alive())
+            .map(|(name, beat)| {
+                format!("{name}: no heartbeat for {:.0}s", beat.age().as_secs_f64())
+            })
+            .collect()
     }
 
     async fn checks(&self) -> Vec<Check> {
@@ -67,29 +109,45 @@ impl Health {
             Check {
                 name: "database".into(),
                 ok: crate::database::ping(&self.pool).await,
+                critical: true,
                 detail: None,
             },
             self.broker_check(),
         ];
         for consumer in &self.consumers {
+            let paused = consumer.paused();
             checks.push(Check {
                 name: format!("consumer {}", consumer.queue),
-                ok: consumer.is_subscribed(),
-                detail: None,
+                ok: consumer.is_subscribed() && paused.is_none(),
+                critical: false,
+                detail: match (consumer.is_subscribed(), paused) {
+                    (_, Some(reason)) => Some(format!("paused: {reason}")),
+                    (false, None) => Some("not subscribed".into()),
+                    (true, None) => None,
+                },
             });
         }
         if let Some(relay) = &self.relay {
             let status = relay.status();
+            let mut notes = Vec::new();
+            if let Some(age) = status.oldest_unpublished {
+                notes.push(format!(
+                    "backlog {}, oldest unpublished {:.1}s",
+                    status.backlog,
+                    age.as_secs_f64()
+                ));
+            }
+            if status.parked > 0 {
+                notes.push(format!("{} parked row(s)", status.parked));
+            }
+            if let Some(error) = &status.last_error {
+                notes.push(error.clone());
+            }
             checks.push(Check {
                 name: "outbox relay".into(),
-                ok: relay.is_healthy(),
-                detail: status.oldest_unpublished.map(|age| {
-                    format!(
-                        "backlog {}, oldest unpublished {:.1}s",
-                        status.backlog,
-                        age.as_secs_f64()
-                    )
-                }),
+                ok: relay.is_healthy() && status.parked == 0,
+                critical: false,
+                detail: (!notes.is_empty()).then(|| notes.join("; ")),
             });
         }
         checks
@@ -98,13 +156,29 @@ impl Health {
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let checks = health.checks().await;
-    let ready = checks.iter().all(|c| c.ok);
+    let ready = checks.iter().filter(|c| c.critical).all(|c| c.ok);
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(Readiness { ready, checks }))
+}
+
+async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let wedged = health.wedged();
+    let status = if wedged.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(Liveness {
+            alive: wedged.is_empty(),
+            wedged,
+        }),
+    )
 }
 
 async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
@@ -126,6 +200,45 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
                 out,
                 "messaging_consumed_total{{queue=\"{q}\",outcome=\"{outcome}\"}} {value}"
             );
+        }
+    }
+    type ConsumerFamily = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&ConsumerProbe) -> f64,
+    );
+    let consumer_families: [ConsumerFamily; 4] = [
+        (
+            "messaging_handler_timeouts_total",
+            "counter",
+            "Handler runs abandoned at the handler deadline (then retried), by queue.",
+            |c| c.stats.timed_out.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
+        (
+            "messaging_consumer_pauses_total",
+            "counter",
+            "Times the consumer paused because a dependency was unavailable, by queue.",
+            |c| c.stats.pauses.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
+        (
+            "messaging_consumer_paused",
+            "gauge",
+            "1 while the consumer is paused for an unavailable dependency, by queue.",
+            |c| f64::from(u8::from(c.paused().is_some())),
+        ),
+        (
+            "messaging_consumer_subscribed",
+            "gauge",
+            "1 while the consumer is subscribed to its queue, by queue.",
+            |c| f64::from(u8::from(c.is_subscribed())),
+        ),
+    ];
+    for (name, kind, help, value) in consumer_families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for c in &health.consumers {
+            let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", escape(&c.queue), value(c));
         }
     }
     out.push_str("# HELP messaging_handler_duration_seconds Handler run time, by queue.\n");
@@ -156,6 +269,14 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
             "Unpublished outbox rows.",
             "",
             status.backlog as f64,
+        );
+        sample(
+            &mut out,
+            "outbox_parked",
+            "gauge",
+            "Outbox rows parked after repeated refusals by the broker (need an operator).",
+            "",
+            status.parked as f64,
         );
         sample(
             &mut out,

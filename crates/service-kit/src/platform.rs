@@ -12,9 +12,11 @@
 //!
 //! Publishing and consuming use separate connections, as RabbitMQ advises: under
 //! a resource alarm the broker stops reading from connections that publish, and
-//! a consumer sharing that connection could not ack either. With its own
-//! connection the saga keeps consuming (which drains the queues the alarm is
-//! about) while the relay waits.
+//! a consumer sharing that connection could not ack either. Everything that
+//! publishes (the relay, and the consumers' retry and dead-letter copies) uses
+//! the publish connection; the consume connection only receives and acks. So
+//! the saga keeps consuming (which drains the queues the alarm is about) while
+//! the relay waits.
 
 use std::{future::Future, net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
@@ -39,6 +41,9 @@ use crate::{
 /// The span attribute naming the order a span concerns; messages carry the order
 /// id as their correlation id, so messaging spans get it too.
 pub const ORDER_ID_ATTRIBUTE: &str = "shop.order_id";
+
+/// Bound of each closing step at shutdown (pool, broker connections).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest accepted request body.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -77,8 +82,11 @@ pub struct Platform {
     pub pool: PgPool,
     /// The connection the relay publishes on.
     pub broker: Broker,
-    /// The connection consumers use (and their retry and dead-letter publishes).
+    /// The connection consumers receive and ack on.
     pub consumer_broker: Broker,
+    /// Publishes on `broker`: the relay's rows, and the consumers' retries and
+    /// dead letters (so an alarm blocking publishers never blocks an ack).
+    publisher: Publisher,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
     common: Common,
@@ -95,8 +103,9 @@ impl Platform {
     pub async fn start(spec: Spec, shutdown: CancellationToken) -> Result<Self, StartupError> {
         let common = spec.common;
         let pool = database::connect_and_migrate(
-            &common.database_url,
+            common.database_url.expose(),
             common.db_pool_size,
+            common.statement_timeout,
             spec.migrations,
         )
         .await?;
@@ -115,10 +124,14 @@ impl Platform {
                 return Err(e.into());
             }
         };
+        let publisher = Publisher::new(broker.clone(), spec.name);
         let relay = spawn_relay(
             pool.clone(),
-            Publisher::new(broker.clone(), spec.name),
-            RelayOptions::default(),
+            publisher.clone(),
+            RelayOptions {
+                park_after: common.outbox_park_after,
+                ..RelayOptions::default()
+            },
             shutdown.clone(),
         );
         let cleanup = messaging::inbox::spawn_cleanup(
@@ -132,6 +145,7 @@ impl Platform {
             pool,
             broker,
             consumer_broker,
+            publisher,
             shutdown,
             metrics: Metrics::new(),
             common,
@@ -154,6 +168,8 @@ impl Platform {
             prefetch: self.common.prefetch,
             concurrency: self.common.concurrency,
             app_id: self.name.to_owned(),
+            handler_timeout: self.common.handler_timeout,
+            publisher: Some(self.publisher.clone()),
             ..ConsumerOptions::default()
         };
         self.consumers.push(spawn_consumer(
@@ -245,7 +261,16 @@ impl Platform {
             let _ = task.await;
         }
         self.broker.close().await;
-        self.pool.close().await;
+        // Waits for every connection to come back; one still being returned
+        // (e.g. flushing a statement abandoned at the handler deadline) must not
+        // keep the process from exiting: the server rolls back what it held when
+        // the socket closes.
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?CLOSE_TIMEOUT, "database pool did not close in time; exiting anyway");
+        }
         tracing::info!(service = self.name, "stopped");
         served.map_err(|e| StartupError::Serve(e.to_string()))
     }

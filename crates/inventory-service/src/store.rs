@@ -1,6 +1,9 @@
-//! Stock in PostgreSQL. A reservation locks the order's SKU rows (in SKU order, so
-//! concurrent orders cannot deadlock) and takes all items or none; stock never
-//! goes below zero (and the table's CHECK would refuse it if the code were wrong).
+//! Stock in PostgreSQL. A reservation takes all items of an order or none; stock
+//! never goes below zero (and the table's CHECK would refuse it if the code were
+//! wrong). Reservations and releases first lock their SKU rows through
+//! `lock_stock`, in byte order of the SKU (`COLLATE "C"`) whatever the
+//! database's collation, so concurrent ones always lock in the same order and
+//! cannot deadlock.
 
 use std::collections::BTreeMap;
 
@@ -111,21 +114,13 @@ pub async fn reserve(
         Some(_) => return Ok(Reservation::AlreadyHandled),
         None => {}
     }
-    // Merge repeated SKUs; BTreeMap also gives the lock order.
+    // Merge repeated SKUs (the lock order is `lock_stock`'s, not the map's).
     let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
     for item in &order.items {
         *wanted.entry(item.sku.as_str()).or_default() += i64::from(item.quantity);
     }
     let skus: Vec<&str> = wanted.keys().copied().collect();
-    let rows =
-        sqlx::query("SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
-            .bind(&skus)
-            .fetch_all(&mut *tx)
-            .await?;
-    let mut on_hand: BTreeMap<String, i64> = BTreeMap::new();
-    for row in &rows {
-        on_hand.insert(row.try_get("sku")?, row.try_get("available")?);
-    }
+    let on_hand = lock_stock(tx, &skus).await?;
     let shortages: Vec<Shortage> = wanted
         .iter()
         .filter_map(|(sku, qty)| {
@@ -197,6 +192,27 @@ async fn lock_order(tx: &mut PgConnection, order_id: Uuid) -> Result<(), sqlx::E
     Ok(())
 }
 
+/// Locks the stock rows of `skus` until the transaction ends and returns what is
+/// available of each (unknown SKUs are absent). Whatever changes several stock
+/// rows calls this first: the rows are locked in byte order of the SKU, as the
+/// database's default collation (e.g. ICU, case-insensitive) may order `a-1`
+/// before `B-1` where another statement's plan would take `B-1` first, and two
+/// transactions locking the same rows in different orders can deadlock.
+async fn lock_stock(
+    tx: &mut PgConnection,
+    skus: &[&str],
+) -> Result<BTreeMap<String, i64>, sqlx::Error> {
+    let rows = sqlx::query(
+        r#"SELECT sku, available FROM stock WHERE sku = ANY($1) ORDER BY sku COLLATE "C" FOR UPDATE"#,
+    )
+    .bind(skus)
+    .fetch_all(tx)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("sku")?, row.try_get("available")?)))
+        .collect()
+}
+
 async fn record(
     tx: &mut PgConnection,
     order_id: Uuid,
@@ -254,6 +270,7 @@ pub async fn release(tx: &mut PgConnection, order_id: Uuid) -> Result<Release, s
         .unwrap_or_default();
     let skus: Vec<&str> = lines.iter().map(|l| l.0.as_str()).collect();
     let quantities: Vec<i64> = lines.iter().map(|l| l.1).collect();
+    lock_stock(tx, &skus).await?;
     sqlx::query(
         "UPDATE stock AS s SET available = s.available + w.qty, reserved = s.reserved - w.qty, updated_at = now()
          FROM unnest($1::text[], $2::bigint[]) AS w(sku, qty) WHERE s.sku = w.sku",

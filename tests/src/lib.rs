@@ -262,7 +262,7 @@ impl Stack {
             ("DATABASE_POOL_SIZE".to_owned(), "5".to_owned()),
             // Export spans quickly in tests (the default batches for 5 s).
             ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
-            ("RETRY_DELAYS_MS".to_owned(), "100,200,400".to_owned()),
+            ("RETRY_DELAYS".to_owned(), "100ms,200ms,400ms".to_owned()),
             ("RETRY_MAX_ATTEMPTS".to_owned(), "4".to_owned()),
         ];
         for (service, key, value) in &self.options.env {

@@ -37,6 +37,8 @@ pub struct Chaos {
     pub skus: Vec<String>,
     pub marker: PathBuf,
     pub urls: Urls,
+    /// Outbox rows the scenario expects parked (all services together).
+    pub expect_parked: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -44,6 +46,8 @@ pub struct Urls {
     pub order: String,
     pub inventory: String,
     pub notification: String,
+    /// `POST /orders` attempts not answered 202 (errors and other statuses).
+    pub refused: Arc<AtomicUsize>,
 }
 
 /// A client that retries: what a real caller of the API does through faults.
@@ -61,17 +65,16 @@ impl Chaos {
             proxies.push(TcpProxy::start("127.0.0.1:5672").await.expect("proxy"));
         }
         let marker = std::env::temp_dir().join(testkit::unique("crash-marker"));
-        let mut env = env;
+        let scenario = env;
+        let mut env = Vec::new();
         for service in SERVICES {
             // Generous retries: faults come in bursts.
-            env.push((
-                service,
-                "RETRY_DELAYS_MS".into(),
-                "100,300,1000,2000".into(),
-            ));
+            env.push((service, "RETRY_DELAYS".into(), "100ms,300ms,1s,2s".into()));
             env.push((service, "RETRY_MAX_ATTEMPTS".into(), "12".into()));
             env.push((service, "CRASH_MARKER".into(), marker.display().to_string()));
         }
+        // The scenario's own settings win over the defaults above.
+        env.extend(scenario);
         let amqp_port = SERVICES
             .iter()
             .zip(&proxies)
@@ -87,6 +90,7 @@ impl Chaos {
             order: stack.order(),
             inventory: stack.inventory(),
             notification: stack.notification(),
+            refused: Arc::new(AtomicUsize::new(0)),
         };
         let skus = (0..SKUS)
             .map(|i| testkit::unique(&format!("C{i}")))
@@ -98,6 +102,7 @@ impl Chaos {
             skus,
             marker,
             urls,
+            expect_parked: 0,
         };
         for sku in &chaos.skus {
             chaos.stack.set_stock(sku, UNITS).await;
@@ -224,22 +229,36 @@ impl Chaos {
                 }
             }
         }
-        // Outboxes drained.
+        // Outboxes drained; parked rows only where the scenario parks on purpose.
+        let mut parked = 0;
         for (service, pool) in SERVICES
             .iter()
             .zip([orders_db, inventory_db, notifications_db])
         {
-            let waiting: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                    .fetch_one(pool)
-                    .await
-                    .unwrap_or(-1);
+            let (waiting, parked_here): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE parked_at IS NULL),
+                        count(*) FILTER (WHERE parked_at IS NOT NULL)
+                 FROM outbox WHERE published_at IS NULL",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap_or((-1, 0));
+            parked += parked_here.unsigned_abs() as usize;
             if waiting != 0 {
                 report.lose(
                     waiting.unsigned_abs() as usize,
                     format!("{service}: {waiting} outbox rows unpublished"),
                 );
             }
+        }
+        if parked != self.expect_parked {
+            report.lose(
+                parked.abs_diff(self.expect_parked),
+                format!(
+                    "{parked} outbox rows parked, expected {}",
+                    self.expect_parked
+                ),
+            );
         }
         // DLQs: exactly what was injected.
         if let Ok(conn) =
@@ -400,8 +419,14 @@ pub async fn drive(
                     let key = format!("{name}-key-{i}");
                     let id = retry(&format!("POST /orders #{i}"), || {
                         let request = http.post(format!("{}/orders", urls.order)).header("Idempotency-Key", &key).json(&body);
+                        let refused = urls.refused.clone();
                         async move {
-                            let response = request.send().await.ok()?;
+                            let response = request.send().await.inspect_err(|_| {
+                                refused.fetch_add(1, Ordering::SeqCst);
+                            }).ok()?;
+                            if response.status().as_u16() != 202 {
+                                refused.fetch_add(1, Ordering::SeqCst);
+                            }
                             match response.status().as_u16() {
                                 202 => response.json::<Value>().await.ok()?["id"].as_str().map(str::to_owned),
                                 s if s >= 500 || s == 409 => None,

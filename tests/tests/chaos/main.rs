@@ -5,4 +5,5 @@
 //! `chaos <name>: faults=<n> orders=<n> lost=<n> duplicated=<n> recovered_in=<s>`.
 
 mod harness;
+mod long_faults;
 mod scenarios;

@@ -3,7 +3,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lapin::{
@@ -17,7 +17,9 @@ use crate::harness::{Chaos, Placed, SERIAL, rabbitmqctl};
 const CONCURRENCY: usize = 8;
 
 /// Starts the order stream in the background; `done` flips when it ends.
-fn start_driving(chaos: &Chaos) -> (tokio::task::JoinHandle<Vec<Placed>>, Arc<AtomicBool>) {
+pub(crate) fn start_driving(
+    chaos: &Chaos,
+) -> (tokio::task::JoinHandle<Vec<Placed>>, Arc<AtomicBool>) {
     let done = Arc::new(AtomicBool::new(false));
     let flag = done.clone();
     // The driver only needs URLs and SKUs; it gets its own copy of the handle.
@@ -46,7 +48,7 @@ impl DriverView {
     }
 }
 
-async fn pause(ms: u64) {
+pub(crate) async fn pause(ms: u64) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
@@ -102,7 +104,7 @@ async fn services_killed_at_random_and_restarted() {
 }
 
 /// Starts the broker application again if a test fails while it is stopped.
-struct BrokerBack;
+pub(crate) struct BrokerBack;
 
 impl Drop for BrokerBack {
     fn drop(&mut self) {
@@ -165,7 +167,7 @@ async fn database_connections_terminated_repeatedly() {
 }
 
 /// Restores the memory watermark if a test fails during an alarm.
-struct Watermark(String);
+pub(crate) struct Watermark(pub(crate) String);
 
 impl Drop for Watermark {
     fn drop(&mut self) {
@@ -175,10 +177,8 @@ impl Drop for Watermark {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_broker_memory_alarm_blocks_publishing_while_orders_keep_being_accepted() {
-    let _serial = SERIAL.lock().await;
-    let chaos = Chaos::start("memory-alarm", vec![]).await;
+/// The broker's memory watermark now, to restore after an alarm.
+pub(crate) async fn watermark_now() -> String {
     let current = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]).await;
     let current = current
         .trim()
@@ -186,68 +186,11 @@ async fn a_broker_memory_alarm_blocks_publishing_while_orders_keep_being_accepte
         .trim_end_matches('}')
         .trim()
         .to_owned();
-    let restore = if current.parse::<f64>().is_ok() {
+    if current.parse::<f64>().is_ok() {
         current
     } else {
         "0.4".to_owned()
-    };
-    let (driver, _done) = start_driving(&chaos);
-    pause(800).await;
-    let guard = Watermark(restore.clone());
-    rabbitmqctl(&["set_vm_memory_high_watermark", "0"]).await;
-    let alarm_started = Instant::now();
-    // While publishing is blocked the API goes on accepting orders into the outbox.
-    let orders_db = chaos.stack.databases[0].pool.clone();
-    let backlog = testkit::wait_for(
-        "the outbox to grow during the alarm",
-        Duration::from_secs(20),
-        || async {
-            let n: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                    .fetch_one(&orders_db)
-                    .await
-                    .unwrap_or(0);
-            (n >= 10).then_some(n)
-        },
-    )
-    .await;
-    // The broker blocks the relay's connection; consumers have their own, which
-    // is not blocked, so they can go on acking (and draining queues).
-    let order = chaos.stack.order();
-    testkit::wait_until(
-        "order-service to see its publish connection blocked",
-        Duration::from_secs(10),
-        || async {
-            chaos
-                .stack
-                .metric(&order, "broker_blocked{connection=\"publish\"}")
-                .await
-                == 1.0
-        },
-    )
-    .await;
-    for url in [order, chaos.stack.inventory(), chaos.stack.notification()] {
-        assert_eq!(
-            chaos
-                .stack
-                .metric(&url, "broker_blocked{connection=\"consume\"}")
-                .await,
-            0.0,
-            "consume connection of {url} blocked"
-        );
     }
-    rabbitmqctl(&["set_vm_memory_high_watermark", &restore]).await;
-    let alarm_ended = Instant::now();
-    drop(guard);
-    let placed = driver.await.expect("driver");
-    let during = placed
-        .iter()
-        .filter(|p| p.accepted_at > alarm_started && p.accepted_at < alarm_ended)
-        .count();
-    assert!(during > 0, "no order was accepted during the alarm");
-    assert!(backlog >= 10);
-    chaos.settle_and_check(&placed, 1, 0).await;
-    chaos.stop().await;
 }
 
 /// Runs the stream with `service` armed to abort at `point` on its 20th pass,

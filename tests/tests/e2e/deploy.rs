@@ -571,6 +571,7 @@ struct EnvVar {
 struct Probe {
     http_get: HttpGet,
     period_seconds: Option<u32>,
+    timeout_seconds: Option<u32>,
     failure_threshold: Option<u32>,
 }
 

@@ -68,6 +68,18 @@ use crate::{
 /// such a call pending forever when the connection dies under it.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Upper bound for opening a channel, declaring the queue and subscribing.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Upper bound for one [`Handler::ready`] probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs of one delivery answered `Unavailable` right after a probe said the
+/// dependency answers again, before the runtime stops believing it is an outage
+/// and spends the message's retry budget instead (a failure that only this
+/// message meets, or a probe that cannot see the problem).
+const UNAVAILABLE_AFTER_RESUME: u32 = 5;
+
 /// Header names the runtime writes when it moves a message.
 pub mod headers {
     /// Handler runs that already failed (on messages in retry queues and DLQs).
@@ -312,6 +324,14 @@ pub fn spawn_consumer<H: Handler>(
     }
 }
 
+/// Why waiting at the pause gate ended.
+enum Gate {
+    Open,
+    Shutdown,
+    /// The connection the delivery came on is gone.
+    Lost,
+}
+
 /// How a delivery is settled once its handler gave a final answer.
 enum Verdict {
     Ack,
@@ -345,8 +365,12 @@ impl<H: Handler> Runtime<H> {
             };
             let generation = link.generation;
             let subscribed = tokio::select! {
-                subscribed = self.subscribe(&connection) => subscribed.map_err(|e| e.to_string()),
+                subscribed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.subscribe(&connection)) => match subscribed {
+                    Ok(subscribed) => subscribed.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {SUBSCRIBE_TIMEOUT:?}")),
+                },
                 () = self.broker.lost(generation) => Err("the connection was lost while subscribing".to_owned()),
+                () = self.shutdown.cancelled() => return,
             };
             match subscribed {
                 Err(error) => {
@@ -365,12 +389,11 @@ impl<H: Handler> Runtime<H> {
                     self.subscribed.store(false, Ordering::Relaxed);
                     match &end {
                         End::Shutdown => {
-                            let _ = channel
-                                .basic_cancel(
-                                    self.tag(&channel).as_str().into(),
-                                    BasicCancelOptions::default(),
-                                )
-                                .await;
+                            let cancel = channel.basic_cancel(
+                                self.tag(&channel).as_str().into(),
+                                BasicCancelOptions::default(),
+                            );
+                            let _ = tokio::time::timeout(SETTLE_TIMEOUT, cancel).await;
                         }
                         End::Cancelled if connection.status().connected() => tracing::warn!(
                             queue = %self.queue.name,
@@ -451,8 +474,10 @@ impl<H: Handler> Runtime<H> {
             while in_flight.try_join_next().is_some() {}
             // While paused no new delivery is taken: what the broker has not
             // pushed yet stays in the queue, in order.
-            if !self.resumed(generation).await {
-                return End::Shutdown;
+            match self.resumed(generation).await {
+                Gate::Open => {}
+                Gate::Shutdown => return End::Shutdown,
+                Gate::Lost => return End::Lost,
             }
             let permit = tokio::select! {
                 () = self.shutdown.cancelled() => return End::Shutdown,
@@ -460,6 +485,8 @@ impl<H: Handler> Runtime<H> {
                     Ok(p) => p,
                     Err(_) => return End::Shutdown,
                 },
+                // Every handler slot busy is alive too.
+                () = tokio::time::sleep(Duration::from_secs(1)) => continue,
             };
             let next = tokio::select! {
                 () = self.shutdown.cancelled() => return End::Shutdown,
@@ -481,18 +508,18 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    /// Waits while the consumer is paused. False on shutdown or when the
-    /// connection of `generation` is gone (the delivery then returns to the queue
-    /// when its channel closes, unsettled by us).
-    async fn resumed(&self, generation: u64) -> bool {
+    /// Waits while the consumer is paused. Ends early on shutdown or when the
+    /// connection of `generation` is gone (a held delivery then returns to the
+    /// queue when its channel closes, unsettled by us).
+    async fn resumed(&self, generation: u64) -> Gate {
         let mut gate = self.gate.subscribe();
         if gate.borrow_and_update().is_none() {
-            return true;
+            return Gate::Open;
         }
         tokio::select! {
-            () = self.shutdown.cancelled() => false,
-            () = self.broker.lost(generation) => false,
-            open = gate.wait_for(Option::is_none) => open.is_ok(),
+            () = self.shutdown.cancelled() => Gate::Shutdown,
+            () = self.broker.lost(generation) => Gate::Lost,
+            open = gate.wait_for(Option::is_none) => if open.is_ok() { Gate::Open } else { Gate::Shutdown },
         }
     }
 
@@ -527,7 +554,7 @@ impl<H: Handler> Runtime<H> {
                 () = self.shutdown.cancelled() => return,
                 () = self.heartbeat.sleep(delay) => {}
             }
-            match tokio::time::timeout(self.options.handler_timeout, self.handler.ready()).await {
+            match tokio::time::timeout(PROBE_TIMEOUT, self.handler.ready()).await {
                 Ok(Ok(())) => {
                     self.gate.send_replace(None);
                     tracing::info!(queue = %self.queue.name, probes = attempt + 1, "dependency answers again; consumer resumed");
@@ -545,15 +572,17 @@ impl<H: Handler> Runtime<H> {
     }
 
     async fn process(self: &Arc<Self>, delivery: Delivery, generation: u64) {
+        let mut unavailable_after_resume = 0u32;
         let (outcome, attempt, span) = loop {
-            if !self.resumed(generation).await {
+            let waited = self.gate.borrow().is_some();
+            if !matches!(self.resumed(generation).await, Gate::Open) {
                 return;
             }
             let message = match self.envelope(&delivery) {
                 Ok(message) => message,
                 Err(reason) => {
                     tracing::warn!(queue = %self.queue.name, %reason, "poison message; dead-lettering");
-                    self.dead_letter(&delivery, &reason, 0).await;
+                    self.dead_letter(&delivery, &reason, 0, generation).await;
                     return;
                 }
             };
@@ -578,11 +607,17 @@ impl<H: Handler> Runtime<H> {
                 .handler_duration
                 .observe(started.elapsed().as_secs_f64());
             let verdict = match outcome {
-                Outcome::Unavailable(reason) => {
+                Outcome::Unavailable(reason)
+                    if unavailable_after_resume < UNAVAILABLE_AFTER_RESUME =>
+                {
+                    unavailable_after_resume += u32::from(waited);
                     span.record("shop.outcome", "paused");
                     self.pause(&reason);
                     continue;
                 }
+                Outcome::Unavailable(reason) => Verdict::Retry(format!(
+                    "{reason} (still failing after the dependency answered again {UNAVAILABLE_AFTER_RESUME} times)"
+                )),
                 Outcome::Ack => Verdict::Ack,
                 Outcome::Retry(reason) => Verdict::Retry(reason),
                 Outcome::Reject(reason) => Verdict::Reject(reason),
@@ -598,16 +633,18 @@ impl<H: Handler> Runtime<H> {
                 }
                 Verdict::Retry(reason) if attempt < self.queue.retry.max_attempts => {
                     tracing::Span::current().record("shop.outcome", "retry");
-                    self.retry(&delivery, &reason, attempt).await;
+                    self.retry(&delivery, &reason, attempt, generation).await;
                 }
                 Verdict::Retry(reason) => {
                     tracing::Span::current().record("shop.outcome", "dead-lettered");
                     let reason = format!("gave up after {attempt} attempts: {reason}");
-                    self.dead_letter(&delivery, &reason, attempt).await;
+                    self.dead_letter(&delivery, &reason, attempt, generation)
+                        .await;
                 }
                 Verdict::Reject(reason) => {
                     tracing::Span::current().record("shop.outcome", "dead-lettered");
-                    self.dead_letter(&delivery, &reason, attempt).await;
+                    self.dead_letter(&delivery, &reason, attempt, generation)
+                        .await;
                 }
             }
         }
@@ -698,7 +735,7 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    async fn retry(&self, delivery: &Delivery, reason: &str, attempt: u32) {
+    async fn retry(&self, delivery: &Delivery, reason: &str, attempt: u32, generation: u64) {
         let delay = self
             .queue
             .retry
@@ -712,7 +749,7 @@ impl<H: Handler> Runtime<H> {
         );
         set_str(&mut copy.headers, headers::LAST_ERROR, reason);
         tracing::info!(queue = %self.queue.name, attempt, ?delay, %reason, "transient failure; retrying later");
-        match self.publish_move(&copy).await {
+        match self.publish_move(&copy, generation).await {
             Ok(()) => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 self.ack(delivery).await;
@@ -724,7 +761,7 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str, attempts: u32) {
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str, attempts: u32, generation: u64) {
         let mut copy = self.copy(delivery, &self.queue.dead_letter_exchange, &self.queue.name);
         set_str(&mut copy.headers, headers::DEATH_REASON, reason);
         set_header(
@@ -734,7 +771,7 @@ impl<H: Handler> Runtime<H> {
         );
         set_str(&mut copy.headers, headers::FAILED_QUEUE, &self.queue.name);
         tracing::warn!(queue = %self.queue.name, %reason, attempts, "dead-lettering message");
-        match self.publish_move(&copy).await {
+        match self.publish_move(&copy, generation).await {
             Ok(()) => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 self.ack(delivery).await;
@@ -750,9 +787,13 @@ impl<H: Handler> Runtime<H> {
     /// or blocked by an alarm the delivery is held (unsettled) and the publish
     /// waits: returning the message to the queue would spin it through its
     /// delivery limit in seconds and have the broker dead-letter a healthy
-    /// message. Gives up on shutdown or when this delivery's channel is gone.
-    async fn publish_move(&self, copy: &OutgoingMessage) -> Result<(), PublishError> {
-        let generation = self.broker.current().generation;
+    /// message. Gives up on shutdown or when the connection of `generation`
+    /// (the delivery's) is gone.
+    async fn publish_move(
+        &self,
+        copy: &OutgoingMessage,
+        generation: u64,
+    ) -> Result<(), PublishError> {
         loop {
             match self.publisher.publish(copy).await {
                 Err(e @ (PublishError::Blocked | PublishError::NotConnected)) => {

@@ -110,11 +110,19 @@ pub enum PublishError {
 
 impl PublishError {
     /// True when the message itself was refused (it would fail again on a healthy
-    /// broker), false when the broker or the connection failed.
+    /// broker): unroutable, or the channel closed for what the message is (404: its
+    /// exchange does not exist, 406: e.g. its body is over the broker's maximum).
+    /// False when the broker, the connection or a permission failed: a nack (the
+    /// broker's queue could not take it, e.g. overflow), 403 and every other code
+    /// concern every message alike.
     pub fn is_message_refused(&self) -> bool {
         matches!(
             self,
-            Self::Unroutable { .. } | Self::Nacked | Self::ChannelClosed { .. }
+            Self::Unroutable { .. }
+                | Self::ChannelClosed {
+                    code: 404 | 406,
+                    ..
+                }
         )
     }
 
@@ -185,6 +193,11 @@ impl Publisher {
         self.inner.broker.is_blocked()
     }
 
+    /// How long one batch may take (sends and confirms).
+    pub fn confirm_timeout(&self) -> Duration {
+        self.inner.confirm_timeout
+    }
+
     /// True while this publisher's connection is open.
     pub fn is_connected(&self) -> bool {
         self.inner.broker.is_connected()
@@ -216,6 +229,9 @@ impl Publisher {
         let deadline = tokio::time::Instant::now() + timeout;
         let blocked = self.inner.broker.blocked_signal();
         tokio::pin!(blocked);
+        // The alarm future may complete in the send loop; it must not be polled
+        // again after that.
+        let mut was_blocked = false;
         let mut pending = Vec::with_capacity(messages.len());
         let mut spans = Vec::with_capacity(messages.len());
         let mut failed = false;
@@ -268,7 +284,10 @@ impl Publisher {
                     Ok(sent) => sent.map_err(|e| PublishError::from_lapin(&e)),
                     Err(_) => Err(PublishError::ConfirmTimeout(timeout)),
                 },
-                () = &mut blocked => Err(PublishError::Blocked),
+                () = &mut blocked, if !was_blocked => {
+                    was_blocked = true;
+                    Err(PublishError::Blocked)
+                }
             };
             failed = sent.is_err();
             pending.push(sent);
@@ -288,9 +307,14 @@ impl Publisher {
                 .instrument(span)
             },
         ));
-        // An alarm raised while confirms are outstanding abandons the batch: the
-        // broker stopped reading the connection, no confirm will come until the
-        // alarm clears.
+        // An alarm raised while sending or while confirms are outstanding abandons
+        // the batch the same way. What was confirmed before is published again
+        // later under the same message ids (consumers dedup).
+        if was_blocked {
+            drop(confirmations);
+            Self::discard(&mut slot);
+            return vec![Err(PublishError::Blocked); messages.len()];
+        }
         let confirmations = tokio::select! {
             all = confirmations => all,
             () = &mut blocked => {

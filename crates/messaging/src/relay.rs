@@ -449,9 +449,15 @@ impl Relay {
                 *result = Err(PublishError::NotSent);
             }
         }
+        // One more batch budget for the whole search, so the claim transaction
+        // stays bounded; what is left when it runs out stays unsent.
+        let until = tokio::time::Instant::now() + self.publisher.confirm_timeout();
         for (message, result) in messages.iter().zip(results.iter_mut()) {
             if result.is_ok() || !matches!(result, Err(PublishError::NotSent)) {
                 continue;
+            }
+            if tokio::time::Instant::now() >= until {
+                return;
             }
             *result = self.publisher.publish(message).await;
             if matches!(result, Err(e) if !e.is_message_refused()) {
@@ -472,7 +478,7 @@ impl Relay {
             let parked: Vec<(String, bool)> = sqlx::query_as(
                 "UPDATE outbox AS o
                  SET published_at = NULL, last_error = f.error, failures = o.failures + 1,
-                     next_attempt_at = now() + make_interval(secs => LEAST($4, $3 * power(2, o.failures))),
+                     next_attempt_at = now() + make_interval(secs => LEAST($4, $3 * power(2, LEAST(o.failures, 30)))),
                      parked_at = CASE WHEN o.failures + 1 >= $5 THEN now() END
                  FROM unnest($1::bigint[], $2::text[]) AS f(seq, error)
                  WHERE o.seq = f.seq
@@ -553,6 +559,7 @@ impl Relay {
     async fn cleanup(&self) {
         let retention = self.options.retention.as_secs_f64();
         loop {
+            self.heartbeat.beat();
             let deleted = sqlx::query(
                 "DELETE FROM outbox WHERE seq IN (
                      SELECT seq FROM outbox
@@ -621,6 +628,40 @@ fn to_message(row: &sqlx::postgres::PgRow) -> Result<OutgoingMessage, sqlx::Erro
         .and_then(|t| u64::try_from(t).ok());
     message.headers = headers;
     message.parent = Some(parent);
+    // AMQP short strings hold at most 255 bytes; longer ones cannot be sent.
+    for (what, value) in [
+        ("exchange", message.exchange.as_str()),
+        ("routing key", message.routing_key.as_str()),
+        ("type", message.message_type.as_str()),
+        (
+            "correlation id",
+            message.correlation_id.as_deref().unwrap_or(""),
+        ),
+    ] {
+        if value.len() > 255 {
+            return Err(sqlx::Error::Decode(
+                format!(
+                    "{what} of {} bytes is over the AMQP limit of 255",
+                    value.len()
+                )
+                .into(),
+            ));
+        }
+    }
+    if let Some(key) = message
+        .headers
+        .inner()
+        .keys()
+        .find(|k| k.as_str().len() > 255)
+    {
+        return Err(sqlx::Error::Decode(
+            format!(
+                "header name of {} bytes is over the AMQP limit of 255",
+                key.as_str().len()
+            )
+            .into(),
+        ));
+    }
     Ok(message)
 }
 

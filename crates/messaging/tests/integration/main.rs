@@ -6,6 +6,7 @@
 mod consume;
 mod inbox;
 mod outbox;
+mod pause;
 mod preflight;
 mod publish;
 mod recovery;

@@ -1,0 +1,183 @@
+//! A consumer whose dependency is unavailable pauses instead of spending retries,
+//! resumes by itself, and survives losing its connection while paused.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use messaging::{
+    Broker, ConsumerOptions, Handler, IncomingMessage, Outcome, OutgoingMessage, Publisher,
+    spawn_consumer,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{self, Log, Names};
+
+/// Answers `Unavailable` while its "database" is down, acks once it is up.
+struct NeedsDatabase {
+    up: Arc<AtomicBool>,
+    probes: Arc<AtomicU32>,
+    acked: Log<(String, u32)>,
+}
+
+impl Handler for NeedsDatabase {
+    async fn handle(&self, message: IncomingMessage) -> Outcome {
+        if !self.up.load(Ordering::SeqCst) {
+            return Outcome::Unavailable("database: connection refused".into());
+        }
+        self.acked.lock().expect("log").push((
+            String::from_utf8_lossy(&message.payload).into_owned(),
+            message.attempt,
+        ));
+        Outcome::Ack
+    }
+
+    async fn ready(&self) -> Result<(), String> {
+        self.probes.fetch_add(1, Ordering::SeqCst);
+        if self.up.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("still down".into())
+        }
+    }
+}
+
+async fn publish_numbered(publisher: &Publisher, exchange: &str, n: usize) {
+    let messages: Vec<OutgoingMessage> = (0..n)
+        .map(|i| OutgoingMessage::new(exchange, "k", "t", format!("m{i}").into_bytes()))
+        .collect();
+    assert!(
+        publisher
+            .publish_batch(&messages)
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_pauses_the_consumer_spends_no_retry_and_everything_is_processed_once_it_ends() {
+    // One attempt only: a single spent retry would dead-letter.
+    let names = Names::new(support::fast_retry(1));
+    let broker = support::broker(&names).await;
+    let up = Arc::new(AtomicBool::new(false));
+    let probes = Arc::new(AtomicU32::new(0));
+    let acked = support::log();
+    let shutdown = CancellationToken::new();
+    let consumer = spawn_consumer(
+        broker.clone(),
+        names.queue.clone(),
+        ConsumerOptions {
+            prefetch: 8,
+            concurrency: 4,
+            ..ConsumerOptions::default()
+        },
+        NeedsDatabase {
+            up: up.clone(),
+            probes: probes.clone(),
+            acked: acked.clone(),
+        },
+        shutdown.clone(),
+    );
+    let probe = consumer.probe();
+    publish_numbered(&Publisher::new(broker.clone(), "test"), &names.exchange, 20).await;
+    testkit::wait_until("the consumer to pause", Duration::from_secs(10), || async {
+        probe.paused().is_some()
+    })
+    .await;
+    testkit::wait_until("a few probes", Duration::from_secs(10), || async {
+        probes.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    let (_conn, ch) = support::raw_channel().await;
+    // Not taken: what the consumer does not hold is still in the queue.
+    assert!(
+        support::ready(&ch, &names.queue.name).await >= 12,
+        "deliveries stay in the queue"
+    );
+    up.store(true, Ordering::SeqCst);
+    testkit::wait_until("all 20 processed", Duration::from_secs(20), || async {
+        acked.lock().expect("log").len() == 20
+    })
+    .await;
+    assert!(probe.paused().is_none());
+    assert!(
+        acked
+            .lock()
+            .expect("log")
+            .iter()
+            .all(|(_, attempt)| *attempt == 1),
+        "no retry was spent on the outage"
+    );
+    assert_eq!(support::ready(&ch, &names.queue.dlq_name()).await, 0);
+    assert_eq!(probe.stats.pauses.load(Ordering::SeqCst), 1);
+    shutdown.cancel();
+    consumer.join().await;
+    broker.close().await;
+    names.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_that_loses_its_connection_while_paused_resubscribes_and_resumes() {
+    let names = Names::new(support::fast_retry(1));
+    support::init_tracing();
+    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
+        .await
+        .expect("proxy");
+    let broker = Broker::connect(
+        support::settings().with_host_port("127.0.0.1", proxy.port()),
+        names.topology(),
+    )
+    .await
+    .expect("connect");
+    let up = Arc::new(AtomicBool::new(false));
+    let acked = support::log();
+    let shutdown = CancellationToken::new();
+    let consumer = spawn_consumer(
+        broker.clone(),
+        names.queue.clone(),
+        ConsumerOptions {
+            prefetch: 8,
+            concurrency: 4,
+            ..ConsumerOptions::default()
+        },
+        NeedsDatabase {
+            up: up.clone(),
+            probes: Arc::new(AtomicU32::new(0)),
+            acked: acked.clone(),
+        },
+        shutdown.clone(),
+    );
+    let probe = consumer.probe();
+    let direct = support::broker(&names).await;
+    publish_numbered(&Publisher::new(direct.clone(), "test"), &names.exchange, 10).await;
+    testkit::wait_until("the consumer to pause", Duration::from_secs(10), || async {
+        probe.paused().is_some()
+    })
+    .await;
+    proxy.sever();
+    testkit::wait_until(
+        "re-subscribed after the cut",
+        Duration::from_secs(20),
+        || async { probe.stats.subscriptions.load(Ordering::SeqCst) >= 2 && probe.is_subscribed() },
+    )
+    .await;
+    up.store(true, Ordering::SeqCst);
+    testkit::wait_until("all 10 processed", Duration::from_secs(20), || async {
+        let acked = acked.lock().expect("log");
+        let mut bodies: Vec<&str> = acked.iter().map(|(b, _)| b.as_str()).collect();
+        bodies.sort_unstable();
+        bodies.dedup();
+        bodies.len() == 10
+    })
+    .await;
+    shutdown.cancel();
+    consumer.join().await;
+    broker.close().await;
+    direct.close().await;
+    names.cleanup().await;
+}

@@ -23,7 +23,8 @@ pub use config::Config;
 
 pub const NAME: &str = "inventory-service";
 
-const MIGRATIONS: &[(i64, &str, &str)] =
+/// The service's own migrations (the messaging tables are migrated beside them).
+pub const MIGRATIONS: &[(i64, &str, &str)] =
     &[(1, "stock", include_str!("../migrations/0001_stock.sql"))];
 
 /// Connects everything (one clear error on failure), starts consuming and binds

@@ -235,8 +235,8 @@ pub struct Common {
     pub concurrency: usize,
     pub db_pool_size: u32,
     pub inbox_retention: std::time::Duration,
-    /// Server-side bound of one statement (`DATABASE_STATEMENT_TIMEOUT`); also
-    /// the bound of a transaction left idle (`idle_in_transaction_session_timeout`).
+    /// Server-side bound of one statement (`DATABASE_STATEMENT_TIMEOUT`); twice
+    /// it (at least 30 s) bounds a transaction left idle.
     pub statement_timeout: Duration,
     /// A handler run taking longer is abandoned and retried (`HANDLER_TIMEOUT`).
     pub handler_timeout: Duration,

@@ -31,7 +31,7 @@ pub enum DatabaseError {
 /// service migrations.
 ///
 /// Every pooled connection carries `statement_timeout` and
-/// `idle_in_transaction_session_timeout` = `statement_timeout`: a statement stuck
+/// `idle_in_transaction_session_timeout` (twice that, at least 30 s): a statement stuck
 /// on a lock, or a transaction whose holder stopped talking, is ended by the
 /// server instead of holding locks and a connection indefinitely. Migrations run
 /// on a connection of their own without those bounds (building an index may take
@@ -71,10 +71,20 @@ pub async fn connect_and_migrate(
         .map_err(fail)?;
     migrator(migrations).run(&mut direct).await.map_err(fail)?;
     let _ = direct.close().await;
-    let bound = format!("{}ms", statement_timeout.as_millis());
+    let statement = format!("{}ms", statement_timeout.as_millis());
+    // A transaction may sit idle between statements while its holder awaits a
+    // bounded step (the relay awaits its batch's confirms, up to two publish
+    // deadlines plus a wait for the other lane): twice the statement bound, at
+    // least 30 s.
+    let idle = format!(
+        "{}ms",
+        (statement_timeout * 2)
+            .max(Duration::from_secs(30))
+            .as_millis()
+    );
     let pooled = options.clone().options([
-        ("statement_timeout", bound.as_str()),
-        ("idle_in_transaction_session_timeout", bound.as_str()),
+        ("statement_timeout", statement.as_str()),
+        ("idle_in_transaction_session_timeout", idle.as_str()),
     ]);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)

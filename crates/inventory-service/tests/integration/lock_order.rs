@@ -4,14 +4,13 @@
 use std::time::Duration;
 
 use contracts::events::v1::{OrderItem, OrderPlaced};
-use inventory_service::store::{self, Release, Reservation};
+use inventory_service::{
+    MIGRATIONS,
+    store::{self, Release, Reservation},
+};
 use messaging::{Inbox, Processed};
 use sqlx::PgPool;
 use uuid::Uuid;
-
-/// The service's migrations (its own list is private to the crate's root).
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "stock", include_str!("../../migrations/0001_stock.sql"))];
 
 /// Mixed case: the ICU order (a-1, B-1, c-1, …) and the byte order
 /// (B-1, D-1, F-1, a-1, …) disagree.

@@ -690,3 +690,87 @@ async fn a_consumer_goes_on_acking_during_an_alarm_while_its_retry_waits_to_be_p
     publish.close().await;
     drop(vhost);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_caught_by_an_alarm_in_the_middle_of_its_batches_publishes_everything_after() {
+    let _serial = SERIAL.lock().await;
+    let vhost = e2e::Vhost::create();
+    let restore = watermark_now().await;
+    let db = testkit::TestDb::create().await;
+    messaging::migrations::migrate(&db.pool)
+        .await
+        .expect("migrate");
+    let exchange = testkit::unique("relay.events");
+    let queue = QueueSpec::new(testkit::unique("relay.queue"), testkit::unique("relay.dlx"))
+        .bind(&exchange, "#");
+    let topology = Topology::single_queue(&exchange, &queue.dead_letter_exchange, queue.clone());
+    let settings = AmqpSettings::from_url(&vhost.amqp_url()).expect("url");
+    let broker = Broker::connect(settings, topology).await.expect("connect");
+    // Large rows, so that batches are still being sent when the alarm starts.
+    const ROWS: i64 = 8000;
+    sqlx::query(
+        "INSERT INTO outbox (id, exchange, routing_key, type, payload)
+         SELECT gen_random_uuid(), $1, 'k', 't', decode(repeat('ab', 8192), 'hex')
+         FROM generate_series(1, $2)",
+    )
+    .bind(&exchange)
+    .bind(ROWS)
+    .execute(&db.pool)
+    .await
+    .expect("backlog");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let relay = messaging::spawn_relay(
+        db.pool.clone(),
+        Publisher::new(broker.clone(), "alarm-relay"),
+        // Smaller batches take longer to drain: the alarm lands in the middle.
+        messaging::RelayOptions {
+            batch_size: 64,
+            lanes: 1,
+            ..messaging::RelayOptions::default()
+        },
+        shutdown.clone(),
+    );
+    testkit::wait_until(
+        "the relay to be publishing",
+        Duration::from_secs(30),
+        || async { relay.status().published > 0 },
+    )
+    .await;
+    let guard = Watermark(restore.clone());
+    rabbitmqctl(&["set_vm_memory_high_watermark", "0"]).await;
+    let at_alarm = relay.status().published;
+    testkit::wait_until(
+        &format!("the publish connection blocked ({at_alarm} rows published at the alarm)"),
+        Duration::from_secs(20),
+        || async { broker.is_blocked() },
+    )
+    .await;
+    let during = relay.status().published;
+    rabbitmqctl(&["set_vm_memory_high_watermark", &restore]).await;
+    drop(guard);
+    let unpublished = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap_or(-1)
+    };
+    testkit::wait_until(
+        "every row published after the alarm",
+        Duration::from_secs(90),
+        || async { unpublished().await == 0 },
+    )
+    .await;
+    assert!(relay.probe().heartbeat().is_alive());
+    eprintln!(
+        "chaos relay-alarm: {during} of {ROWS} rows published when the alarm blocked the relay"
+    );
+    assert!(
+        during < ROWS as u64,
+        "the alarm came in the middle of the backlog"
+    );
+    shutdown.cancel();
+    relay.join().await;
+    broker.close().await;
+    db.drop_db().await;
+    drop(vhost);
+}

@@ -133,16 +133,7 @@ impl Chaos {
             report.duplicated,
             recovered.as_secs_f64()
         );
-        let mut stderr = std::io::stderr().lock();
-        let _ = writeln!(stderr, "{line}");
-        let summary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/chaos-summary.txt");
-        if let Ok(mut file) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(summary)
-        {
-            let _ = writeln!(file, "{line}");
-        }
+        self::report(&line);
         assert!(report.clean(), "{line}\n{:#?}", report.details);
         assert_eq!(placed.len(), ORDERS, "every order was accepted in the end");
     }
@@ -358,6 +349,21 @@ impl Report {
 
     fn clean(&self) -> bool {
         self.lost == 0 && self.duplicated == 0 && !self.unready
+    }
+}
+
+/// Prints a figure of the suite past the test harness's capture (also when the
+/// test passes) and appends it to target/chaos-summary.txt.
+pub fn report(line: &str) {
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "{line}");
+    let summary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/chaos-summary.txt");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(summary)
+    {
+        let _ = writeln!(file, "{line}");
     }
 }
 

@@ -108,7 +108,9 @@ async fn inventory_database_refusing_connections_for_two_minutes_dead_letters_no
             "messaging_consumed_total{queue=\"inventory.order-events\",outcome=\"dead_lettered\"}",
         )
         .await;
-    eprintln!("chaos db-outage-120s: consumer pauses={pauses} dead_lettered={dead}");
+    crate::harness::report(&format!(
+        "chaos db-outage-120s: consumer pauses={pauses} dead_lettered={dead}"
+    ));
     assert_eq!(dead, 0.0);
     chaos.stop().await;
 }
@@ -163,12 +165,12 @@ async fn the_broker_stopped_for_a_minute_order_intake_stays_ready_and_everything
     watching.store(false, Ordering::SeqCst);
     watcher.await.expect("watcher");
     let (probes, unready) = answers.lock().expect("answers").clone();
-    eprintln!(
+    crate::harness::report(&format!(
         "chaos broker-stop-60s: {} orders accepted in {:.1}s while stopped, readyz probes={probes} not-200={}",
         placed.len(),
         intake.as_secs_f64(),
         unready.len()
-    );
+    ));
     assert!(
         intake < Duration::from_secs(60),
         "the orders came in while the broker was stopped"
@@ -298,9 +300,9 @@ async fn a_minute_long_memory_alarm_holds_no_transaction_open_and_everything_com
     sampler.await.expect("sampler");
     admin.close().await;
     let longest = *longest.lock().expect("longest");
-    eprintln!(
+    crate::harness::report(&format!(
         "chaos memory-alarm-60s: {during} orders accepted during the alarm, longest open transaction {longest:.1}s"
-    );
+    ));
     assert!(
         longest < 10.0,
         "a transaction stayed open {longest:.1}s during the alarm"
@@ -410,11 +412,11 @@ async fn bad_outbox_rows_are_parked_with_their_reason_while_the_rows_behind_them
         3.0
     );
     chaos.settle_and_check(&placed, 3, 0).await;
-    eprintln!(
+    crate::harness::report(&format!(
         "chaos outbox-poison: order behind the bad rows confirmed in {:.1}s, 3 rows parked in {:.1}s: {parked:?}",
         flowed_in.as_secs_f64(),
         parked_in.as_secs_f64()
-    );
+    ));
     chaos.stop().await;
 }
 
@@ -496,10 +498,10 @@ async fn a_handler_blocked_by_a_row_lock_for_a_minute_is_retried_while_other_mes
     .await;
     let fired = chaos.stack.metric(&url, timeouts).await;
     chaos.settle_and_check(&placed, 1, 0).await;
-    eprintln!(
+    crate::harness::report(&format!(
         "chaos row-lock-60s: others done {:.1}s into the lock, handler deadline fired {fired} times",
         others_done.as_secs_f64()
-    );
+    ));
     chaos.stop().await;
 }
 
@@ -761,9 +763,9 @@ async fn a_relay_caught_by_an_alarm_in_the_middle_of_its_batches_publishes_every
     )
     .await;
     assert!(relay.probe().heartbeat().is_alive());
-    eprintln!(
+    crate::harness::report(&format!(
         "chaos relay-alarm: {during} of {ROWS} rows published when the alarm blocked the relay"
-    );
+    ));
     assert!(
         during < ROWS as u64,
         "the alarm came in the middle of the backlog"

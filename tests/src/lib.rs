@@ -166,11 +166,23 @@ impl Drop for Process {
     }
 }
 
+/// A port free right now and never handed out before in this test process: the
+/// kernel may give the same ephemeral port to two tests asking one after the
+/// other, and the second service would then fail to bind while its readiness
+/// probe reached the first test's service.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// How to start a stack.
@@ -297,6 +309,7 @@ impl Stack {
             }
             if let Ok(r) = self.http.get(&url).send().await
                 && r.status().is_success()
+                && self.processes[index].exited().is_none()
             {
                 return;
             }

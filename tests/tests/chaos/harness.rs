@@ -304,6 +304,15 @@ impl Chaos {
         report
     }
 
+    /// The names of the stack's three databases.
+    pub fn database_names(&self) -> Vec<String> {
+        self.stack
+            .databases
+            .iter()
+            .map(|d| d.name.clone())
+            .collect()
+    }
+
     /// The processes of `service`, by index in the stack.
     pub fn indices(&self, service: &str) -> Vec<usize> {
         self.stack
@@ -365,6 +374,14 @@ pub fn report(line: &str) {
     {
         let _ = writeln!(file, "{line}");
     }
+}
+
+/// A pool on the server's maintenance database, for faults and observations
+/// that span the stack's databases.
+pub async fn admin() -> sqlx::PgPool {
+    sqlx::PgPool::connect(&testkit::database_url())
+        .await
+        .expect("admin pool")
 }
 
 /// Retries `attempt` until it yields a value, for at most two minutes.

@@ -20,7 +20,7 @@ use serde_json::Value;
 use sqlx::AssertSqlSafe;
 
 use crate::{
-    harness::{Chaos, SERIAL, rabbitmqctl},
+    harness::{Chaos, SERIAL, admin, rabbitmqctl},
     scenarios::{BrokerBack, Watermark, pause, start_driving, watermark_now},
 };
 
@@ -38,12 +38,6 @@ impl Drop for Admit {
             ))
             .output();
     }
-}
-
-async fn admin() -> sqlx::PgPool {
-    sqlx::PgPool::connect(&testkit::database_url())
-        .await
-        .expect("admin pool")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -196,12 +190,7 @@ async fn a_minute_long_memory_alarm_holds_no_transaction_open_and_everything_com
     let _serial = SERIAL.lock().await;
     let chaos = Chaos::start("memory-alarm-60s", vec![]).await;
     let restore = watermark_now().await;
-    let names: Vec<String> = chaos
-        .stack
-        .databases
-        .iter()
-        .map(|d| d.name.clone())
-        .collect();
+    let names = chaos.database_names();
     let admin = admin().await;
     // The longest-open transaction in the stack's databases, sampled five times
     // a second for the whole scenario.

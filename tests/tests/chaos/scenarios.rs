@@ -138,15 +138,8 @@ async fn the_broker_application_stopped_and_started() {
 async fn database_connections_terminated_repeatedly() {
     let _serial = SERIAL.lock().await;
     let chaos = Chaos::start("postgres-terminate", vec![]).await;
-    let names: Vec<String> = chaos
-        .stack
-        .databases
-        .iter()
-        .map(|d| d.name.clone())
-        .collect();
-    let admin = sqlx::PgPool::connect(&testkit::database_url())
-        .await
-        .expect("admin pool");
+    let names = chaos.database_names();
+    let admin = crate::harness::admin().await;
     let (driver, done) = start_driving(&chaos);
     let mut faults = 0;
     while !done.load(Ordering::SeqCst) {

@@ -5,8 +5,8 @@ use std::{
 };
 
 use messaging::{
-    Broker, ConsumerOptions, Handler, Inbox, IncomingMessage, NewMessage, Outcome, Processed,
-    Publisher, enqueue, spawn_consumer, spawn_relay,
+    ConsumerOptions, Handler, Inbox, IncomingMessage, NewMessage, Outcome, Processed, Publisher,
+    enqueue, spawn_consumer, spawn_relay,
 };
 use opentelemetry::{
     Context,
@@ -164,16 +164,7 @@ async fn a_rolled_back_transaction_never_publishes() {
 async fn with_the_broker_unreachable_the_commit_succeeds_and_the_event_goes_out_when_it_returns() {
     let db = support::database().await;
     let names = Names::new(support::fast_retry(3));
-    support::init_tracing();
-    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
-        .await
-        .expect("proxy");
-    let broker = Broker::connect(
-        support::settings().with_host_port("127.0.0.1", proxy.port()),
-        names.topology(),
-    )
-    .await
-    .expect("connect");
+    let (proxy, broker) = support::proxied_broker(&names, |_| {}).await;
     let shutdown = CancellationToken::new();
     let relay = spawn_relay(
         db.pool.clone(),

@@ -10,8 +10,7 @@ use std::{
 };
 
 use messaging::{
-    Broker, ConsumerOptions, Handler, IncomingMessage, Outcome, OutgoingMessage, Publisher,
-    spawn_consumer,
+    ConsumerOptions, Handler, IncomingMessage, Outcome, OutgoingMessage, Publisher, spawn_consumer,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -124,16 +123,7 @@ async fn an_outage_pauses_the_consumer_spends_no_retry_and_everything_is_process
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_that_loses_its_connection_while_paused_resubscribes_and_resumes() {
     let names = Names::new(support::fast_retry(1));
-    support::init_tracing();
-    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
-        .await
-        .expect("proxy");
-    let broker = Broker::connect(
-        support::settings().with_host_port("127.0.0.1", proxy.port()),
-        names.topology(),
-    )
-    .await
-    .expect("connect");
+    let (proxy, broker) = support::proxied_broker(&names, |_| {}).await;
     let up = Arc::new(AtomicBool::new(false));
     let acked = support::log();
     let shutdown = CancellationToken::new();

@@ -241,17 +241,10 @@ async fn a_publish_in_flight_when_the_connection_dies_fails_promptly_and_never_f
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reconnect_that_freezes_while_declaring_the_topology_gives_up_and_tries_again() {
     let names = Names::new(support::fast_retry(3));
-    support::init_tracing();
-    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
-        .await
-        .expect("proxy");
     // No heartbeats: nothing but the supervisor's own bound notices a peer that
     // stopped answering.
-    let mut settings = support::settings().with_host_port("127.0.0.1", proxy.port());
-    settings.heartbeat = Duration::ZERO;
-    let broker = Broker::connect(settings, names.topology())
-        .await
-        .expect("connect");
+    let (proxy, broker) =
+        support::proxied_broker(&names, |settings| settings.heartbeat = Duration::ZERO).await;
     proxy.stall_next_declare();
     proxy.sever();
     testkit::wait_until(

@@ -95,6 +95,24 @@ pub async fn broker(names: &Names) -> Broker {
         .expect("connect")
 }
 
+/// A proxy a test can cut, and a broker connection for `names` through it
+/// (`adjust` may change the settings first).
+pub async fn proxied_broker(
+    names: &Names,
+    adjust: impl FnOnce(&mut AmqpSettings),
+) -> (testkit::TcpProxy, Broker) {
+    init_tracing();
+    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
+        .await
+        .expect("proxy");
+    let mut settings = settings().with_host_port("127.0.0.1", proxy.port());
+    adjust(&mut settings);
+    let broker = Broker::connect(settings, names.topology())
+        .await
+        .expect("connect");
+    (proxy, broker)
+}
+
 /// A plain client connection for looking at queues from the outside.
 pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
     let conn = lapin::Connection::connect(&testkit::amqp_url(), Default::default())

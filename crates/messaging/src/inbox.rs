@@ -58,25 +58,52 @@ impl Inbox {
         E: From<sqlx::Error>,
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, E>>,
     {
-        let mut tx = self.pool.begin().await?;
-        let fresh = sqlx::query(
-            "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2)
-             ON CONFLICT (consumer, message_id) DO NOTHING",
-        )
-        .bind(&self.consumer)
-        .bind(message_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !fresh {
-            tx.rollback().await?;
-            tracing::debug!("duplicate message skipped");
-            return Ok(Processed::Duplicate);
+        let mut lease = Lease {
+            connection: self.pool.acquire().await?,
+            settled: false,
+        };
+        let result = async {
+            let mut tx = sqlx::Connection::begin(&mut *lease.connection).await?;
+            let fresh = sqlx::query(
+                "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2)
+                 ON CONFLICT (consumer, message_id) DO NOTHING",
+            )
+            .bind(&self.consumer)
+            .bind(message_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !fresh {
+                tx.rollback().await?;
+                tracing::debug!("duplicate message skipped");
+                return Ok(Processed::Duplicate);
+            }
+            let value = work(&mut tx).await?;
+            tx.commit().await?;
+            Ok(Processed::Done(value))
         }
-        let value = work(&mut tx).await?;
-        tx.commit().await?;
-        Ok(Processed::Done(value))
+        .await;
+        lease.settled = true;
+        result
+    }
+}
+
+/// The connection of one [`Inbox::process`] run. A run abandoned mid-statement
+/// (its future dropped, e.g. at the consumer's handler deadline) leaves a query in
+/// flight; returning that connection to the pool waits for the query however
+/// long it blocks, and a few such runs exhaust the pool. Closing it instead is
+/// bounded, and the server rolls back what it held.
+struct Lease {
+    connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    settled: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.connection.close_on_drop();
+        }
     }
 }
 

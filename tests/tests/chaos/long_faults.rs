@@ -473,18 +473,34 @@ async fn a_handler_blocked_by_a_row_lock_for_a_minute_is_retried_while_other_mes
     // The lock is held for a minute: the fault's length.
     tokio::time::sleep_until((locked_at + Duration::from_secs(60)).into()).await;
     holder.rollback().await.expect("release the lock");
-    testkit::wait_until(
-        "the order behind the lock to be confirmed once it is released",
-        Duration::from_secs(60),
-        || async {
+    let released = Instant::now();
+    loop {
+        let status =
             sqlx::query_scalar::<_, String>("SELECT status FROM orders WHERE id::text = $1")
                 .bind(&stuck)
                 .fetch_one(&orders_db)
                 .await
-                .is_ok_and(|s| s == "confirmed")
-        },
-    )
-    .await;
+                .unwrap_or_default();
+        if status == "confirmed" {
+            break;
+        }
+        if released.elapsed() > Duration::from_secs(60) {
+            // Say what inventory did with the order before failing.
+            let index = chaos.indices("inventory-service")[0];
+            let log =
+                std::fs::read_to_string(&chaos.stack.processes[index].log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(stuck.as_str())).collect();
+            let tail = format!(
+                "{}\n--- last lines ---\n{}",
+                lines[lines.len().saturating_sub(12)..].join("\n"),
+                chaos.stack.processes[index].log_tail()
+            );
+            panic!(
+                "the order behind the lock is {status:?} 60 s after the release; inventory's log of it:\n{tail}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let fired = chaos.stack.metric(&url, timeouts).await;
     chaos.settle_and_check(&placed, 1, 0).await;
     crate::harness::report(&format!(

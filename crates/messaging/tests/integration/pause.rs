@@ -45,6 +45,14 @@ impl Handler for NeedsDatabase {
     }
 }
 
+fn options() -> ConsumerOptions {
+    ConsumerOptions {
+        prefetch: 8,
+        concurrency: 4,
+        ..ConsumerOptions::default()
+    }
+}
+
 async fn publish_numbered(publisher: &Publisher, exchange: &str, n: usize) {
     let messages: Vec<OutgoingMessage> = (0..n)
         .map(|i| OutgoingMessage::new(exchange, "k", "t", format!("m{i}").into_bytes()))
@@ -70,11 +78,7 @@ async fn an_outage_pauses_the_consumer_spends_no_retry_and_everything_is_process
     let consumer = spawn_consumer(
         broker.clone(),
         names.queue.clone(),
-        ConsumerOptions {
-            prefetch: 8,
-            concurrency: 4,
-            ..ConsumerOptions::default()
-        },
+        options(),
         NeedsDatabase {
             up: up.clone(),
             probes: probes.clone(),
@@ -130,11 +134,7 @@ async fn a_consumer_that_loses_its_connection_while_paused_resubscribes_and_resu
     let consumer = spawn_consumer(
         broker.clone(),
         names.queue.clone(),
-        ConsumerOptions {
-            prefetch: 8,
-            concurrency: 4,
-            ..ConsumerOptions::default()
-        },
+        options(),
         NeedsDatabase {
             up: up.clone(),
             probes: Arc::new(AtomicU32::new(0)),

@@ -19,6 +19,29 @@ fn parking_relay() -> RelayOptions {
     }
 }
 
+fn start_relay(
+    pool: &sqlx::PgPool,
+    broker: &messaging::Broker,
+    shutdown: &CancellationToken,
+) -> messaging::RelayHandle {
+    spawn_relay(
+        pool.clone(),
+        Publisher::new(broker.clone(), "test"),
+        parking_relay(),
+        shutdown.clone(),
+    )
+}
+
+/// Waits until `queue` holds `n` ready messages (the good rows went out).
+async fn wait_for_ready(ch: &lapin::Channel, queue: &str, n: u32) {
+    testkit::wait_until(
+        &format!("{n} good rows in the queue"),
+        Duration::from_secs(15),
+        || async { support::ready(ch, queue).await == n },
+    )
+    .await;
+}
+
 async fn commit_good_rows(pool: &sqlx::PgPool, exchange: &str, n: usize) {
     for i in 0..n {
         support::commit_event(pool, exchange, &format!("good.{i}")).await;
@@ -34,19 +57,9 @@ async fn a_row_for_a_missing_exchange_is_parked_with_its_reason_and_the_rows_beh
     // The bad row is first in seq order: the one every claim meets first.
     let bad = support::commit_event(&db.pool, &format!("{}.missing", names.exchange), "bad").await;
     commit_good_rows(&db.pool, &names.exchange, 20).await;
-    let relay = spawn_relay(
-        db.pool.clone(),
-        Publisher::new(broker.clone(), "test"),
-        parking_relay(),
-        shutdown.clone(),
-    );
+    let relay = start_relay(&db.pool, &broker, &shutdown);
     let (_conn, ch) = support::raw_channel().await;
-    testkit::wait_until(
-        "the 20 good rows in the queue",
-        Duration::from_secs(15),
-        || async { support::ready(&ch, &names.queue.name).await == 20 },
-    )
-    .await;
+    wait_for_ready(&ch, &names.queue.name, 20).await;
     let (failures, error): (i32, String) = testkit::wait_for(
         "the bad row to be parked",
         Duration::from_secs(30),
@@ -75,10 +88,7 @@ async fn a_row_for_a_missing_exchange_is_parked_with_its_reason_and_the_rows_beh
         .await
         .expect("attempts");
     commit_good_rows(&db.pool, &names.exchange, 1).await;
-    testkit::wait_until("the next good row", Duration::from_secs(10), || async {
-        support::ready(&ch, &names.queue.name).await == 21
-    })
-    .await;
+    wait_for_ready(&ch, &names.queue.name, 21).await;
     let later: i32 = sqlx::query_scalar("SELECT attempts FROM outbox WHERE id = $1")
         .bind(bad)
         .fetch_one(&db.pool)
@@ -108,19 +118,9 @@ async fn an_unreadable_row_is_parked_at_once_and_the_rows_behind_it_flow() {
     .await
     .expect("insert");
     commit_good_rows(&db.pool, &names.exchange, 10).await;
-    let relay = spawn_relay(
-        db.pool.clone(),
-        Publisher::new(broker.clone(), "test"),
-        parking_relay(),
-        shutdown.clone(),
-    );
+    let relay = start_relay(&db.pool, &broker, &shutdown);
     let (_conn, ch) = support::raw_channel().await;
-    testkit::wait_until(
-        "the 10 good rows in the queue",
-        Duration::from_secs(15),
-        || async { support::ready(&ch, &names.queue.name).await == 10 },
-    )
-    .await;
+    wait_for_ready(&ch, &names.queue.name, 10).await;
     let error: String =
         testkit::wait_for("the row to be parked", Duration::from_secs(10), || async {
             sqlx::query_scalar("SELECT last_error FROM outbox WHERE parked_at IS NOT NULL")

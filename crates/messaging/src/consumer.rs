@@ -95,6 +95,46 @@ pub mod headers {
     pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
     /// The queue whose consumer gave up on the message.
     pub const FAILED_QUEUE: &str = "x-failed-queue";
+    /// When the runtime dead-lettered the message (RFC 3339, microseconds, UTC):
+    /// the order of a DLQ, which a quorum queue does not keep for messages an
+    /// operator looked at and returned.
+    pub const DEAD_LETTERED_AT: &str = "x-dead-lettered-at";
+    /// Why, as a class: `poison`, `rejected` or `exhausted` ([`super::DeathClass`]).
+    pub const DEATH_CLASS: &str = "x-death-class";
+    /// Times the message was sent back from its DLQ to its queue.
+    pub const REDRIVE_COUNT: &str = "x-redrive-count";
+}
+
+/// Why a message was dead-lettered, in the few classes an operator acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeathClass {
+    /// The envelope itself is unusable (no message id or type, body too large).
+    Poison,
+    /// The handler refused it as permanently wrong (bad payload, unknown type,
+    /// broken invariant).
+    Rejected,
+    /// Transient failures used up every retry.
+    Exhausted,
+}
+
+impl DeathClass {
+    pub const ALL: [Self; 3] = [Self::Poison, Self::Rejected, Self::Exhausted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Poison => "poison",
+            Self::Rejected => "rejected",
+            Self::Exhausted => "exhausted",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == value)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// What the handler decided.
@@ -140,6 +180,8 @@ pub struct IncomingMessage {
     pub timestamp: Option<u64>,
     /// 1 on the first handler run; grows with each retry.
     pub attempt: u32,
+    /// Times an operator sent the message back from its DLQ.
+    pub redrives: u32,
     /// The broker redelivered it (a previous consumer died before settling).
     pub redelivered: bool,
     /// The producer's trace context (empty when absent or malformed).
@@ -199,6 +241,10 @@ pub struct ConsumerStats {
     pub acked: AtomicU64,
     pub retried: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// `dead_lettered` by [`DeathClass`].
+    dead_lettered_by_class: [AtomicU64; 3],
+    /// First runs of messages an operator sent back from the DLQ.
+    pub redriven: AtomicU64,
     /// Deliveries sent back to the queue because settling failed.
     pub requeued: AtomicU64,
     pub subscriptions: AtomicU64,
@@ -208,6 +254,13 @@ pub struct ConsumerStats {
     pub pauses: AtomicU64,
     /// Handler run times, seconds.
     pub handler_duration: Histogram,
+}
+
+impl ConsumerStats {
+    /// Messages dead-lettered for `class` since startup.
+    pub fn dead_lettered_as(&self, class: DeathClass) -> u64 {
+        self.dead_lettered_by_class[class.index()].load(Ordering::Relaxed)
+    }
 }
 
 /// A running consumer.
@@ -573,6 +626,7 @@ impl<H: Handler> Runtime<H> {
 
     async fn process(self: &Arc<Self>, delivery: Delivery, generation: u64) {
         let mut unavailable_after_resume = 0u32;
+        let mut first_run = true;
         let (outcome, attempt, span) = loop {
             let waited = self.gate.borrow().is_some();
             if !matches!(self.resumed(generation).await, Gate::Open) {
@@ -582,7 +636,8 @@ impl<H: Handler> Runtime<H> {
                 Ok(message) => message,
                 Err(reason) => {
                     tracing::warn!(queue = %self.queue.name, %reason, "poison message; dead-lettering");
-                    self.dead_letter(&delivery, &reason, 0, generation).await;
+                    self.dead_letter(&delivery, &reason, 0, DeathClass::Poison, generation)
+                        .await;
                     return;
                 }
             };
@@ -590,6 +645,9 @@ impl<H: Handler> Runtime<H> {
             propagation::set_parent(&span, message.trace_context.clone());
             propagation::tag_correlation(&span, message.correlation_id.as_deref());
             let attempt = message.attempt;
+            if std::mem::take(&mut first_run) && message.redrives > 0 && attempt == 1 {
+                self.stats.redriven.fetch_add(1, Ordering::Relaxed);
+            }
             let started = Instant::now();
             let run = AssertUnwindSafe(self.handler.handle(message).instrument(span.clone()))
                 .catch_unwind();
@@ -638,13 +696,25 @@ impl<H: Handler> Runtime<H> {
                 Verdict::Retry(reason) => {
                     tracing::Span::current().record("shop.outcome", "dead-lettered");
                     let reason = format!("gave up after {attempt} attempts: {reason}");
-                    self.dead_letter(&delivery, &reason, attempt, generation)
-                        .await;
+                    self.dead_letter(
+                        &delivery,
+                        &reason,
+                        attempt,
+                        DeathClass::Exhausted,
+                        generation,
+                    )
+                    .await;
                 }
                 Verdict::Reject(reason) => {
                     tracing::Span::current().record("shop.outcome", "dead-lettered");
-                    self.dead_letter(&delivery, &reason, attempt, generation)
-                        .await;
+                    self.dead_letter(
+                        &delivery,
+                        &reason,
+                        attempt,
+                        DeathClass::Rejected,
+                        generation,
+                    )
+                    .await;
                 }
             }
         }
@@ -676,6 +746,7 @@ impl<H: Handler> Runtime<H> {
         }
         let headers = properties.headers().clone().unwrap_or_default();
         let retried = header_u32(&headers, headers::RETRY_COUNT).unwrap_or(0);
+        let redrives = header_u32(&headers, headers::REDRIVE_COUNT).unwrap_or(0);
         let exchange = header_str(&headers, headers::ORIGINAL_EXCHANGE)
             .unwrap_or_else(|| delivery.exchange.as_str().to_owned());
         let routing_key = header_str(&headers, headers::ORIGINAL_ROUTING_KEY)
@@ -696,6 +767,7 @@ impl<H: Handler> Runtime<H> {
             app_id: properties.app_id().as_ref().map(|s| s.as_str().to_owned()),
             timestamp: *properties.timestamp(),
             attempt: retried.saturating_add(1),
+            redrives,
             redelivered: delivery.redelivered,
         })
     }
@@ -761,9 +833,22 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str, attempts: u32, generation: u64) {
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        attempts: u32,
+        class: DeathClass,
+        generation: u64,
+    ) {
         let mut copy = self.copy(delivery, &self.queue.dead_letter_exchange, &self.queue.name);
         set_str(&mut copy.headers, headers::DEATH_REASON, reason);
+        set_str(&mut copy.headers, headers::DEATH_CLASS, class.as_str());
+        set_str(
+            &mut copy.headers,
+            headers::DEAD_LETTERED_AT,
+            &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        );
         set_header(
             &mut copy.headers,
             headers::ATTEMPTS,
@@ -774,6 +859,7 @@ impl<H: Handler> Runtime<H> {
         match self.publish_move(&copy, generation).await {
             Ok(()) => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                self.stats.dead_lettered_by_class[class.index()].fetch_add(1, Ordering::Relaxed);
                 self.ack(delivery).await;
             }
             Err(error) => {
@@ -852,6 +938,7 @@ impl<H: Handler> Runtime<H> {
             .as_ref()
             .map(|s| s.as_str().to_owned());
         message.timestamp = *properties.timestamp();
+        message.app_id = properties.app_id().as_ref().map(|s| s.as_str().to_owned());
         message.headers = headers;
         message.parent = Some(parent);
         message

@@ -46,6 +46,8 @@ pub struct OutgoingMessage {
     pub payload: Vec<u8>,
     pub content_type: String,
     pub correlation_id: Option<String>,
+    /// The producing application; `None` names the publisher's own.
+    pub app_id: Option<String>,
     /// Event time, seconds since the Unix epoch (AMQP timestamps are seconds).
     pub timestamp: Option<u64>,
     /// Extra headers; trace headers are added by the publisher.
@@ -70,6 +72,7 @@ impl OutgoingMessage {
             payload,
             content_type: CONTENT_TYPE_PROTOBUF.to_owned(),
             correlation_id: None,
+            app_id: None,
             timestamp: Some(unix_now()),
             headers: FieldTable::default(),
             parent: None,
@@ -255,7 +258,13 @@ impl Publisher {
                 .with_type(message.message_type.as_str().into())
                 .with_content_type(message.content_type.as_str().into())
                 .with_delivery_mode(2)
-                .with_app_id(self.inner.app_id.as_str().into())
+                .with_app_id(
+                    message
+                        .app_id
+                        .as_deref()
+                        .unwrap_or(&self.inner.app_id)
+                        .into(),
+                )
                 .with_headers(headers);
             let properties = match &message.correlation_id {
                 Some(id) => properties.with_correlation_id(ShortString::from(id.as_str())),

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //!   Q              quorum, x-delivery-limit, dead-letters to DLX with key Q
-//!   Q.dlq          quorum, bound to DLX with key Q (poison and exhausted messages)
+//!   Q.dlq          quorum, bound to DLX with key Q (poison and exhausted messages),
+//!                  x-delivery-limit far out of reach (reading it returns messages)
 //!   Q.retry.<ms>   quorum, one per retry delay, x-message-ttl = delay, dead-letters
 //!                  back into Q through the default exchange when the delay expires
 //! ```
@@ -25,6 +26,13 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
+
+/// The delivery limit of every DLQ. Reading a DLQ (`dead_letters`) takes its
+/// messages and returns them, and a quorum queue counts each return as a
+/// delivery: RabbitMQ 3.x always, 4.0-4.2 against a default limit of 20 that
+/// would drop a dead letter looked at 20 times. Explicit and far out of reach,
+/// so looking never loses one.
+pub const DLQ_DELIVERY_LIMIT: i64 = 1_000_000;
 
 /// Everything one process declares.
 #[derive(Clone, Debug, Default)]
@@ -152,7 +160,12 @@ impl QueueSpec {
     /// binds to must exist.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         let dlq = self.dlq_name();
-        declare_quorum(channel, &dlq, quorum_args()).await?;
+        let mut dlq_args = quorum_args();
+        dlq_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DLQ_DELIVERY_LIMIT),
+        );
+        declare_quorum(channel, &dlq, dlq_args).await?;
         channel
             .queue_bind(
                 dlq.as_str().into(),

@@ -68,4 +68,7 @@ pub mod points {
     pub const RELAY_AFTER_CONFIRM: &str = "relay.after-confirm";
     /// A handler's work committed (it answered `Ack`), the delivery is not acked.
     pub const CONSUMER_BEFORE_ACK: &str = "consumer.before-ack";
+    /// A redrive has the confirms of a batch of copies, the DLQ originals are
+    /// not acked.
+    pub const REDRIVE_AFTER_CONFIRM: &str = "redrive.after-confirm";
 }

@@ -4,11 +4,13 @@
 //!  settings ─▶ Broker (one supervised connection, topology re-declared on reconnect)
 //!                ├─▶ Publisher   confirmed, mandatory, batched publishing
 //!                └─▶ consumer    Handler → Outcome; retries, DLQ, re-subscribe
+//!  dead_letters: list, redrive (back to the queue, in order) and purge a DLQ
 //!  propagation: W3C trace context in AMQP headers, producer/consumer spans
 //!
 //!  Postgres half:
 //!  outbox::enqueue(tx, event) ─▶ outbox row (+ trace context, NOTIFY on commit)
 //!  relay    claims rows (SKIP LOCKED), publishes with confirms, marks confirmed rows
+//!  parked   the rows the relay gave up on: list, retry, discard (operator)
 //!  Inbox::process(id, work)   dedup record + handler work in one transaction
 //!  migrations                 embedded, own history table
 //! ```
@@ -17,12 +19,14 @@ pub mod availability;
 mod backoff;
 mod connection;
 pub mod consumer;
+pub mod dead_letters;
 pub mod faults;
 mod heartbeat;
 mod histogram;
 pub mod inbox;
 pub mod migrations;
 pub mod outbox;
+pub mod parked;
 pub mod propagation;
 mod publisher;
 mod relay;
@@ -32,9 +36,10 @@ pub mod topology;
 pub use backoff::Backoff;
 pub use connection::{Broker, ConnectError};
 pub use consumer::{
-    ConsumerHandle, ConsumerOptions, ConsumerProbe, ConsumerStats, Handler, IncomingMessage,
-    Outcome, spawn_consumer,
+    ConsumerHandle, ConsumerOptions, ConsumerProbe, ConsumerStats, DeathClass, Handler,
+    IncomingMessage, Outcome, spawn_consumer,
 };
+pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetters, Selection};
 pub use heartbeat::{Heartbeat, WEDGED_AFTER};
 pub use histogram::Histogram;
 pub use inbox::{Inbox, Processed};

@@ -4,6 +4,7 @@
 //! uniquely named exchanges, queues and database and deletes them at the end.
 
 mod consume;
+mod dead_letters;
 mod inbox;
 mod outbox;
 mod pause;

@@ -1,0 +1,664 @@
+//! Reading, redriving and purging a DLQ against the real broker.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use messaging::{
+    ConsumerHandle, ConsumerOptions, DeadLetterError, DeadLetters, DeathClass, Handler, Inbox,
+    IncomingMessage, Outcome, OutgoingMessage, Processed, Publisher, Selection, spawn_consumer,
+};
+use opentelemetry::trace::TraceContextExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{self, Log, Names};
+
+/// Rejects every message while `broken`, then acks; logs what it acked.
+struct Switch {
+    broken: Arc<AtomicBool>,
+    acked: Log<Seen>,
+}
+
+#[derive(Clone, Debug)]
+struct Seen {
+    message_id: String,
+    redrives: u32,
+    attempt: u32,
+    routing_key: String,
+    trace_id: String,
+}
+
+impl Handler for Switch {
+    async fn handle(&self, message: IncomingMessage) -> Outcome {
+        if self.broken.load(Ordering::SeqCst) {
+            return Outcome::Reject(format!("cannot handle {} yet", message.message_id));
+        }
+        self.acked.lock().expect("log").push(Seen {
+            trace_id: message
+                .trace_context
+                .span()
+                .span_context()
+                .trace_id()
+                .to_string(),
+            message_id: message.message_id,
+            redrives: message.redrives,
+            attempt: message.attempt,
+            routing_key: message.routing_key,
+        });
+        Outcome::Ack
+    }
+}
+
+/// One message at a time, so dead-lettering follows the publishing order.
+fn serial() -> ConsumerOptions {
+    ConsumerOptions {
+        prefetch: 1,
+        concurrency: 1,
+        app_id: "test".into(),
+        ..Default::default()
+    }
+}
+
+struct Fixture {
+    names: Names,
+    broken: Arc<AtomicBool>,
+    acked: Log<Seen>,
+    consumer: Option<ConsumerHandle>,
+    shutdown: CancellationToken,
+    dead_letters: DeadLetters,
+}
+
+impl Fixture {
+    /// A consumer that dead-letters `count` published messages; returns their
+    /// ids in publishing order once all are in the DLQ.
+    async fn with_dead_letters(count: usize) -> (Self, Vec<String>) {
+        let names = Names::new(support::fast_retry(2));
+        let broker = support::broker(&names).await;
+        let broken = Arc::new(AtomicBool::new(true));
+        let acked = support::log();
+        let shutdown = CancellationToken::new();
+        let consumer = spawn_consumer(
+            broker.clone(),
+            names.queue.clone(),
+            serial(),
+            Switch {
+                broken: broken.clone(),
+                acked: acked.clone(),
+            },
+            shutdown.clone(),
+        );
+        let publisher = Publisher::new(broker.clone(), "test");
+        let mut ids = Vec::new();
+        for i in 0..count {
+            let message = OutgoingMessage::new(
+                &names.exchange,
+                format!("order.e{i}"),
+                "t",
+                format!("payload {i}").into_bytes(),
+            );
+            publisher.publish(&message).await.expect("publish");
+            ids.push(message.message_id);
+        }
+        let (_conn, ch) = support::raw_channel().await;
+        let dlq = names.queue.dlq_name();
+        testkit::wait_until(
+            "every message dead-lettered",
+            Duration::from_secs(20),
+            || {
+                let ch = ch.clone();
+                let dlq = dlq.clone();
+                async move { support::ready(&ch, &dlq).await as usize == count }
+            },
+        )
+        .await;
+        let dead_letters = DeadLetters::connect(support::settings(), "test")
+            .await
+            .expect("connect");
+        let fixture = Self {
+            names,
+            broken,
+            acked,
+            consumer: Some(consumer),
+            shutdown,
+            dead_letters,
+        };
+        (fixture, ids)
+    }
+
+    fn queue(&self) -> &str {
+        &self.names.queue.name
+    }
+
+    async fn listed_ids(&self) -> Vec<String> {
+        self.dead_letters
+            .list(self.queue(), 10_000)
+            .await
+            .expect("list")
+            .letters
+            .into_iter()
+            .map(|l| l.message_id)
+            .collect()
+    }
+
+    fn acked_ids(&self) -> Vec<String> {
+        let acked = self.acked.lock().expect("log");
+        acked.iter().map(|s| s.message_id.clone()).collect()
+    }
+
+    async fn wait_acked(&self, count: usize) {
+        testkit::wait_until(
+            "the redriven messages handled",
+            Duration::from_secs(20),
+            || async { self.acked.lock().expect("log").len() >= count },
+        )
+        .await;
+    }
+
+    fn stats(&self) -> Arc<messaging::ConsumerStats> {
+        self.consumer.as_ref().expect("consuming").stats()
+    }
+
+    async fn stop_consuming(&mut self) {
+        self.shutdown.cancel();
+        if let Some(consumer) = self.consumer.take() {
+            consumer.join().await;
+        }
+    }
+
+    async fn stop(mut self) {
+        self.stop_consuming().await;
+        self.dead_letters.close().await;
+        self.names.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_listed_in_dead_lettering_order_with_their_reason_and_stay_however_often_they_are_read()
+ {
+    let (fixture, ids) = Fixture::with_dead_letters(12).await;
+
+    // Reading takes the messages and hands them back: a quorum queue mixes up
+    // the position of returned messages, the listing order must not change.
+    for _ in 0..4 {
+        assert_eq!(fixture.listed_ids().await, ids, "dead-lettering order");
+    }
+    let listing = fixture
+        .dead_letters
+        .list(fixture.queue(), 10_000)
+        .await
+        .expect("list");
+    let first = &listing.letters[0];
+    assert_eq!(
+        first.reason.as_deref(),
+        Some(format!("cannot handle {} yet", ids[0]).as_str())
+    );
+    assert_eq!(first.class, Some(DeathClass::Rejected));
+    assert_eq!(first.attempts, Some(1));
+    assert_eq!(first.original_routing_key.as_deref(), Some("order.e0"));
+    assert_eq!(first.payload, b"payload 0");
+    assert!(
+        listing
+            .letters
+            .windows(2)
+            .all(|w| w[0].dead_lettered_at <= w[1].dead_lettered_at),
+        "dead-lettering times in order"
+    );
+    let (_conn, ch) = support::raw_channel().await;
+    assert_eq!(
+        support::ready(&ch, &fixture.names.queue.dlq_name()).await,
+        12,
+        "nothing left the DLQ"
+    );
+    assert_eq!(fixture.stats().dead_lettered_as(DeathClass::Rejected), 12);
+    let limited = fixture
+        .dead_letters
+        .list(fixture.queue(), 5)
+        .await
+        .expect("list");
+    assert_eq!(
+        (limited.letters.len(), limited.not_read),
+        (5, 7),
+        "a limited read says how many it did not read"
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_sends_the_chosen_dead_letters_back_once_in_dead_lettering_order_with_their_envelope_and_trace()
+ {
+    let (fixture, ids) = Fixture::with_dead_letters(6).await;
+    let before = fixture
+        .dead_letters
+        .list(fixture.queue(), 10_000)
+        .await
+        .expect("list");
+    fixture.broken.store(false, Ordering::SeqCst);
+    let mut no_progress = |_: usize, _: usize| {};
+
+    // A dry run and an unknown id move nothing.
+    let dry = fixture
+        .dead_letters
+        .redrive(
+            fixture.queue(),
+            &Selection::All,
+            10_000,
+            true,
+            &mut no_progress,
+        )
+        .await
+        .expect("dry run");
+    assert_eq!(dry.moved, ids);
+    let unknown = fixture
+        .dead_letters
+        .redrive(
+            fixture.queue(),
+            &Selection::Ids(vec![ids[1].clone(), "no-such-id".into()]),
+            10_000,
+            false,
+            &mut no_progress,
+        )
+        .await;
+    assert!(
+        matches!(&unknown, Err(DeadLetterError::UnknownIds { ids, .. }) if ids == &["no-such-id"]),
+        "{unknown:?}"
+    );
+    assert_eq!(fixture.listed_ids().await, ids, "still all there, in order");
+    assert!(fixture.acked_ids().is_empty(), "nothing was redriven");
+
+    // Two chosen by id, then the rest.
+    let chosen = vec![ids[3].clone(), ids[1].clone()];
+    let moved = fixture
+        .dead_letters
+        .redrive(
+            fixture.queue(),
+            &Selection::Ids(chosen),
+            10_000,
+            false,
+            &mut no_progress,
+        )
+        .await
+        .expect("redrive by id");
+    assert_eq!(moved.moved, vec![ids[1].clone(), ids[3].clone()]);
+    assert_eq!((moved.not_selected, moved.left), (4, 0));
+    fixture.wait_acked(2).await;
+    let rest: Vec<String> = [0, 2, 4, 5].iter().map(|i| ids[*i].clone()).collect();
+    assert_eq!(
+        fixture.listed_ids().await,
+        rest,
+        "the others keep their order"
+    );
+    let mut progress = Vec::new();
+    let mut record = |done: usize, total: usize| progress.push((done, total));
+    fixture
+        .dead_letters
+        .redrive(fixture.queue(), &Selection::All, 10_000, false, &mut record)
+        .await
+        .expect("redrive all");
+    assert_eq!(progress.last(), Some(&(4, 4)));
+    fixture.wait_acked(6).await;
+
+    let acked = fixture.acked.lock().expect("log").clone();
+    let order: Vec<String> = acked.iter().map(|s| s.message_id.clone()).collect();
+    assert_eq!(
+        order,
+        [1, 3, 0, 2, 4, 5]
+            .iter()
+            .map(|i| ids[*i].clone())
+            .collect::<Vec<_>>(),
+        "each once, in dead-lettering order within each redrive"
+    );
+    for seen in &acked {
+        let letter = before
+            .letters
+            .iter()
+            .find(|l| l.message_id == seen.message_id)
+            .expect("a listed letter");
+        assert_eq!(seen.redrives, 1, "the redrive is counted");
+        assert_eq!(seen.attempt, 1, "retries start afresh");
+        assert_eq!(
+            Some(seen.routing_key.as_str()),
+            letter.original_routing_key.as_deref(),
+            "the original routing key"
+        );
+        let traceparent =
+            messaging::consumer::header_str(&letter.headers, "traceparent").expect("traceparent");
+        assert_eq!(
+            traceparent.split('-').nth(1),
+            Some(seen.trace_id.as_str()),
+            "the trace goes on"
+        );
+    }
+    assert!(fixture.listed_ids().await.is_empty(), "the DLQ is empty");
+    assert_eq!(
+        fixture
+            .stats()
+            .redriven
+            .load(std::sync::atomic::Ordering::Relaxed),
+        6
+    );
+    let missing = fixture
+        .dead_letters
+        .redrive(
+            "no-such-queue",
+            &Selection::All,
+            10,
+            false,
+            &mut no_progress,
+        )
+        .await;
+    assert!(
+        matches!(missing, Err(DeadLetterError::UnknownQueue(ref q)) if q == "no-such-queue"),
+        "{missing:?}"
+    );
+    fixture.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purge_deletes_only_the_chosen_dead_letters() {
+    let (fixture, ids) = Fixture::with_dead_letters(4).await;
+    let purged = fixture
+        .dead_letters
+        .purge(
+            fixture.queue(),
+            &Selection::Ids(vec![ids[2].clone()]),
+            10_000,
+        )
+        .await
+        .expect("purge one");
+    assert_eq!(purged.moved, vec![ids[2].clone()]);
+    assert_eq!(
+        fixture.listed_ids().await,
+        vec![ids[0].clone(), ids[1].clone(), ids[3].clone()]
+    );
+    let unknown = fixture
+        .dead_letters
+        .purge(
+            fixture.queue(),
+            &Selection::Ids(vec![ids[2].clone()]),
+            10_000,
+        )
+        .await;
+    assert!(
+        matches!(unknown, Err(DeadLetterError::UnknownIds { .. })),
+        "{unknown:?}"
+    );
+    let all = fixture
+        .dead_letters
+        .purge(fixture.queue(), &Selection::All, 10_000)
+        .await
+        .expect("purge all");
+    assert_eq!(all.moved.len(), 3);
+    assert!(fixture.listed_ids().await.is_empty());
+    assert!(
+        fixture.acked_ids().is_empty(),
+        "nothing went back to the queue"
+    );
+    fixture.stop().await;
+}
+
+/// Applies each message once through the inbox, counting its runs.
+struct Effects {
+    inbox: Inbox,
+    runs: Arc<AtomicU32>,
+}
+
+impl Handler for Effects {
+    async fn handle(&self, message: IncomingMessage) -> Outcome {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let id = message.message_id.clone();
+        let result = self
+            .inbox
+            .process(&message.message_id, |tx| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    Ok::<_, sqlx::Error>(())
+                })
+            })
+            .await;
+        match result {
+            Ok(Processed::Done(()) | Processed::Duplicate) => Outcome::Ack,
+            Err(e) => Outcome::database(&e),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_applies_each_once() {
+    const COUNT: usize = 300;
+    let names = Names::new(support::fast_retry(2));
+    let broker = support::broker(&names).await;
+    // Dead letters written straight to the DLQ, as the runtime writes them.
+    let publisher = Publisher::new(broker.clone(), "test");
+    let mut ids = Vec::new();
+    for chunk in 0..COUNT / 50 {
+        let batch: Vec<OutgoingMessage> = (0..50)
+            .map(|i| {
+                let mut m =
+                    OutgoingMessage::new(&names.dlx, names.queue.name.as_str(), "t", vec![1u8; 8]);
+                m.headers.insert(
+                    messaging::consumer::headers::DEAD_LETTERED_AT.into(),
+                    messaging::AMQPValue::LongString(
+                        format!("2026-01-01T00:00:{:02}.{:06}Z", chunk, i).into(),
+                    ),
+                );
+                m
+            })
+            .collect();
+        for (m, r) in batch.iter().zip(publisher.publish_batch(&batch).await) {
+            r.expect("dead letter published");
+            ids.push(m.message_id.clone());
+        }
+    }
+    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
+        .await
+        .expect("proxy");
+    let settings = support::settings().with_host_port("127.0.0.1", proxy.port());
+    let dead_letters = DeadLetters::connect(settings, "test")
+        .await
+        .expect("connect");
+
+    // Cut the connection once two batches are through.
+    let mut cut = |done: usize, _total: usize| {
+        if done >= 100 {
+            proxy.sever();
+        }
+    };
+    let first = dead_letters
+        .redrive(&names.queue.name, &Selection::All, 10_000, false, &mut cut)
+        .await;
+    let interrupted = match &first {
+        Ok(report) => report.interrupted.is_some(),
+        Err(_) => true,
+    };
+    assert!(interrupted, "the cut stopped the redrive: {first:?}");
+
+    // Every message is in the queue, the DLQ, or both.
+    let (_conn, ch) = support::raw_channel().await;
+    let in_queue = support::ready(&ch, &names.queue.name).await as usize;
+    let dlq = names.queue.dlq_name();
+    // The broker hands back what the cut connection held once it notices.
+    testkit::wait_until(
+        "the held dead letters returned",
+        Duration::from_secs(30),
+        || async { unacknowledged(&dlq) == Some(0) },
+    )
+    .await;
+    let in_dlq = support::ready(&ch, &dlq).await as usize;
+    assert!(
+        in_queue + in_dlq >= COUNT,
+        "each is in the queue or the DLQ: {in_queue} + {in_dlq}"
+    );
+    assert!(in_queue >= 100, "the first batches arrived: {in_queue}");
+
+    // The second run goes through; consumers apply each message once.
+    let second = dead_letters
+        .redrive(
+            &names.queue.name,
+            &Selection::All,
+            10_000,
+            false,
+            &mut |_, _| {},
+        )
+        .await
+        .expect("second redrive");
+    assert!(second.interrupted.is_none(), "{second:?}");
+    let db = support::database().await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let shutdown = CancellationToken::new();
+    let consumer = spawn_consumer(
+        broker.clone(),
+        names.queue.clone(),
+        ConsumerOptions {
+            app_id: "test".into(),
+            ..Default::default()
+        },
+        Effects {
+            inbox: Inbox::new(db.pool.clone(), "c"),
+            runs: runs.clone(),
+        },
+        shutdown.clone(),
+    );
+    testkit::wait_until("every effect applied", Duration::from_secs(30), || async {
+        support::count(&db.pool, "SELECT count(DISTINCT message_id) FROM effects").await
+            == COUNT as i64
+    })
+    .await;
+    testkit::wait_until("the queue drained", Duration::from_secs(30), || {
+        let ch = ch.clone();
+        let q = names.queue.name.clone();
+        async move { support::ready(&ch, &q).await == 0 }
+    })
+    .await;
+    let effects: Vec<String> = sqlx::query_scalar("SELECT message_id FROM effects")
+        .fetch_all(&db.pool)
+        .await
+        .expect("effects");
+    assert_eq!(effects.len(), COUNT, "no effect twice");
+    assert_eq!(
+        effects.into_iter().collect::<HashSet<_>>(),
+        ids.into_iter().collect::<HashSet<_>>(),
+        "none lost"
+    );
+    let left = dead_letters
+        .list(&names.queue.name, 10)
+        .await
+        .expect("list")
+        .letters;
+    assert!(
+        left.is_empty(),
+        "the DLQ is empty: {:?}",
+        left.iter().map(|l| &l.message_id).collect::<Vec<_>>()
+    );
+    println!(
+        "redrive cut: {} runs for {COUNT} messages (copies in both places were deduplicated)",
+        runs.load(Ordering::SeqCst)
+    );
+    shutdown.cancel();
+    consumer.join().await;
+    dead_letters.close().await;
+    names.cleanup().await;
+}
+
+/// Messages of `queue` delivered and not yet acknowledged, per the broker.
+fn unacknowledged(queue: &str) -> Option<u64> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "messages_unacknowledged"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some(queue))
+                .then(|| fields.next()?.parse().ok())
+                .flatten()
+        })
+}
+
+/// A policy on one queue, cleared on drop (also when the test fails).
+struct Policy(String);
+
+impl Policy {
+    fn set(name: &str, pattern: &str, definition: &str) -> Self {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args([
+                "set_policy",
+                name,
+                pattern,
+                definition,
+                "--apply-to",
+                "queues",
+            ])
+            .output()
+            .expect("rabbitmqctl");
+        assert!(status.status.success(), "set_policy: {status:?}");
+        Self(name.to_owned())
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_the_broker_refuses_part_way_leaves_every_unsent_message_in_the_dlq_in_order() {
+    const COUNT: usize = 120;
+    let (mut fixture, ids) = Fixture::with_dead_letters(COUNT).await;
+    fixture.stop_consuming().await;
+    // The queue takes a few messages, then refuses more (reject-publish).
+    let _policy = Policy::set(
+        &testkit::unique("max3"),
+        &format!("^{}$", fixture.queue().replace('.', "\\.")),
+        r#"{"max-length": 3}"#,
+    );
+    let (_conn, ch) = support::raw_channel().await;
+    testkit::wait_until("the policy applies", Duration::from_secs(10), || async {
+        let info = std::process::Command::new("rabbitmqctl")
+            .args(["list_queues", "name", "policy"])
+            .output()
+            .expect("rabbitmqctl");
+        String::from_utf8_lossy(&info.stdout)
+            .lines()
+            .any(|l| l.starts_with(fixture.queue()) && l.contains("max3"))
+    })
+    .await;
+
+    let report = fixture
+        .dead_letters
+        .redrive(
+            fixture.queue(),
+            &Selection::All,
+            10_000,
+            false,
+            &mut |_, _| {},
+        )
+        .await
+        .expect("redrive");
+    // A quorum queue enforces its length loosely (copies in flight together,
+    // one batch, may pass it): some went, oldest first, and not all.
+    let sent = report.moved.len();
+    assert!((3..COUNT).contains(&sent), "{report:?}");
+    assert_eq!(report.moved, ids[..sent].to_vec(), "the oldest went");
+    assert_eq!(report.left, COUNT - sent);
+    let why = report.interrupted.expect("interrupted");
+    assert!(why.contains("refused"), "{why}");
+    assert_eq!(
+        fixture.listed_ids().await,
+        ids[sent..].to_vec(),
+        "the rest stayed, in order"
+    );
+    assert_eq!(support::ready(&ch, fixture.queue()).await as usize, sent);
+    fixture.stop().await;
+}

@@ -14,7 +14,7 @@
 use std::{fmt::Write, sync::Arc};
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use messaging::{Broker, ConsumerProbe, RelayProbe};
+use messaging::{Broker, ConsumerProbe, DeathClass, RelayProbe, dead_letters::DepthProbe};
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -27,6 +27,8 @@ pub struct Health {
     /// The service's broker connections by role (`publish`, `consume`).
     pub brokers: Vec<(&'static str, Broker)>,
     pub consumers: Vec<ConsumerProbe>,
+    /// The depth of each consumed queue's DLQ.
+    pub dlq_depths: Vec<DepthProbe>,
     pub relay: Option<RelayProbe>,
     pub metrics: Arc<Metrics>,
 }
@@ -202,13 +204,43 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
             );
         }
     }
+    out.push_str("# HELP messaging_dead_lettered_total Messages dead-lettered, by queue and class (poison: unusable envelope, rejected: refused by the handler, exhausted: retries used up).\n");
+    out.push_str("# TYPE messaging_dead_lettered_total counter\n");
+    for c in &health.consumers {
+        for class in DeathClass::ALL {
+            let _ = writeln!(
+                out,
+                "messaging_dead_lettered_total{{queue=\"{}\",class=\"{}\"}} {}",
+                escape(&c.queue),
+                class.as_str(),
+                c.stats.dead_lettered_as(class)
+            );
+        }
+    }
+    out.push_str("# HELP messaging_dlq_depth Messages waiting in the DLQ of a consumed queue (absent until read).\n");
+    out.push_str("# TYPE messaging_dlq_depth gauge\n");
+    for probe in &health.dlq_depths {
+        if let Some(depth) = probe.depth() {
+            let _ = writeln!(
+                out,
+                "messaging_dlq_depth{{queue=\"{}\"}} {depth}",
+                escape(&probe.queue)
+            );
+        }
+    }
     type ConsumerFamily = (
         &'static str,
         &'static str,
         &'static str,
         fn(&ConsumerProbe) -> f64,
     );
-    let consumer_families: [ConsumerFamily; 4] = [
+    let consumer_families: [ConsumerFamily; 5] = [
+        (
+            "messaging_redriven_total",
+            "counter",
+            "Messages sent back from the DLQ by an operator and run again, by queue.",
+            |c| c.stats.redriven.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
         (
             "messaging_handler_timeouts_total",
             "counter",

@@ -45,6 +45,9 @@ pub const ORDER_ID_ATTRIBUTE: &str = "shop.order_id";
 /// Bound of each closing step at shutdown (pool, broker connections).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often each service reads the depth of its DLQ (for metrics).
+const DLQ_DEPTH_EVERY: Duration = Duration::from_secs(5);
+
 /// Largest accepted request body.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
@@ -94,6 +97,7 @@ pub struct Platform {
     queue: QueueSpec,
     relay: RelayHandle,
     consumers: Vec<ConsumerHandle>,
+    dlq_depths: Vec<messaging::dead_letters::DepthProbe>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -152,6 +156,7 @@ impl Platform {
             queue,
             relay,
             consumers: Vec::new(),
+            dlq_depths: Vec::new(),
             tasks: vec![cleanup],
         })
     }
@@ -179,6 +184,14 @@ impl Platform {
             handler,
             self.shutdown.clone(),
         ));
+        let (depth, task) = messaging::dead_letters::watch_depth(
+            self.consumer_broker.clone(),
+            &self.queue.name,
+            DLQ_DEPTH_EVERY,
+            self.shutdown.clone(),
+        );
+        self.dlq_depths.push(depth);
+        self.tasks.push(task);
     }
 
     /// Runs `task` until shutdown (periodic maintenance of the service).
@@ -194,6 +207,7 @@ impl Platform {
                 ("consume", self.consumer_broker.clone()),
             ],
             consumers: self.consumers.iter().map(ConsumerHandle::probe).collect(),
+            dlq_depths: self.dlq_depths.clone(),
             relay: Some(self.relay.probe()),
             metrics: self.metrics.clone(),
         }

@@ -42,28 +42,10 @@ pub async fn connect_and_migrate(
     statement_timeout: Duration,
     migrations: &[(i64, &'static str, &'static str)],
 ) -> Result<PgPool, DatabaseError> {
-    let options: PgConnectOptions = url
-        .parse()
-        .map_err(|e: sqlx::Error| DatabaseError::InvalidUrl(redact(&e.to_string(), url)))?;
-    let database = options.get_database().unwrap_or("postgres").to_owned();
-    let connect_error = |e: sqlx::Error| DatabaseError::Connect {
-        host: options.get_host().to_owned(),
-        port: options.get_port(),
-        database: database.clone(),
-        user: options.get_username().to_owned(),
-        reason: redact(&e.to_string(), url),
-    };
-    // One direct connection first: a pool would only say "timed out", hiding
-    // "connection refused" or "password authentication failed".
-    let mut direct = tokio::time::timeout(
-        Duration::from_secs(10),
-        PgConnection::connect_with(&options),
-    )
-    .await
-    .map_err(|_| connect_error(sqlx::Error::PoolTimedOut))?
-    .map_err(connect_error)?;
+    let target = Target::parse(url)?;
+    let mut direct = target.connect_once().await?;
     let fail = |e: sqlx::migrate::MigrateError| DatabaseError::Migrate {
-        database: database.clone(),
+        database: target.database.clone(),
         reason: e.to_string(),
     };
     messaging::migrations::migrate(&mut direct)
@@ -82,7 +64,7 @@ pub async fn connect_and_migrate(
             .max(Duration::from_secs(30))
             .as_millis()
     );
-    let pooled = options.clone().options([
+    let pooled = target.options.clone().options([
         ("statement_timeout", statement.as_str()),
         ("idle_in_transaction_session_timeout", idle.as_str()),
     ]);
@@ -91,8 +73,65 @@ pub async fn connect_and_migrate(
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(pooled)
         .await
-        .map_err(connect_error)?;
+        .map_err(|e| target.error(e))?;
     Ok(pool)
+}
+
+/// A pool for a tool that only reads and repairs (no migrations), failing fast
+/// with one clear line.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DatabaseError> {
+    let target = Target::parse(url)?;
+    let direct = target.connect_once().await?;
+    let _ = direct.close().await;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(target.options.clone())
+        .await
+        .map_err(|e| target.error(e))
+}
+
+/// A parsed `DATABASE_URL`, and errors that name it without the password.
+struct Target<'a> {
+    url: &'a str,
+    options: PgConnectOptions,
+    database: String,
+}
+
+impl<'a> Target<'a> {
+    fn parse(url: &'a str) -> Result<Self, DatabaseError> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e: sqlx::Error| DatabaseError::InvalidUrl(redact(&e.to_string(), url)))?;
+        let database = options.get_database().unwrap_or("postgres").to_owned();
+        Ok(Self {
+            url,
+            options,
+            database,
+        })
+    }
+
+    fn error(&self, e: sqlx::Error) -> DatabaseError {
+        DatabaseError::Connect {
+            host: self.options.get_host().to_owned(),
+            port: self.options.get_port(),
+            database: self.database.clone(),
+            user: self.options.get_username().to_owned(),
+            reason: redact(&e.to_string(), self.url),
+        }
+    }
+
+    /// One direct connection: a pool would only say "timed out", hiding
+    /// "connection refused" or "password authentication failed".
+    async fn connect_once(&self) -> Result<PgConnection, DatabaseError> {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            PgConnection::connect_with(&self.options),
+        )
+        .await
+        .map_err(|_| self.error(sqlx::Error::PoolTimedOut))?
+        .map_err(|e| self.error(e))
+    }
 }
 
 fn migrator(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {

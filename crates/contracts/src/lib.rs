@@ -3,12 +3,14 @@
 //!
 //! ```text
 //!  events::v1::*   prost types (build.rs compiles proto/ with protox, no protoc)
+//!  decode, json    an incoming event by its AMQP type; an event as JSON
 //!  names           exchanges, queues, routing keys
 //!  topology        what each service declares on the broker
 //! ```
 
 pub mod decode;
 pub mod domain;
+mod json;
 pub mod names;
 pub mod topology;
 

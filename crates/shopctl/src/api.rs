@@ -1,0 +1,103 @@
+//! The services' HTTP APIs as shopctl reads them.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::Error;
+
+#[derive(Debug)]
+pub struct Api {
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new() -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self { http })
+    }
+
+    /// The JSON at `url`; `None` when the service answers 404.
+    pub async fn get(&self, service: &'static str, url: &str) -> Result<Option<Value>, Error> {
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| Error::Unreachable {
+                service,
+                url: url.to_owned(),
+                reason: reason(&e),
+            })?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body: Value = response.json().await.map_err(|e| Error::Http {
+            service,
+            url: url.to_owned(),
+            status: status.as_u16(),
+            detail: format!("not JSON: {e}"),
+        })?;
+        if !status.is_success() {
+            let detail = body
+                .get("detail")
+                .or_else(|| body.get("title"))
+                .and_then(Value::as_str)
+                .unwrap_or("no detail")
+                .to_owned();
+            return Err(Error::Http {
+                service,
+                url: url.to_owned(),
+                status: status.as_u16(),
+                detail,
+            });
+        }
+        Ok(Some(body))
+    }
+
+    /// Every item of a paginated list (`{"items": [...], "next": cursor}`), up
+    /// to `limit`.
+    pub async fn list(
+        &self,
+        service: &'static str,
+        url: &str,
+        limit: usize,
+    ) -> Result<Vec<Value>, Error> {
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut page_url = reqwest::Url::parse(url)
+                .map_err(|e| Error::Config(format!("invalid {service} URL {url}: {e}")))?;
+            if let Some(c) = &cursor {
+                page_url.query_pairs_mut().append_pair("cursor", c);
+            }
+            let page_url = page_url.to_string();
+            let page = self.get(service, &page_url).await?.unwrap_or(Value::Null);
+            if let Some(page_items) = page.get("items").and_then(Value::as_array) {
+                items.extend(page_items.iter().cloned());
+            }
+            cursor = page.get("next").and_then(Value::as_str).map(str::to_owned);
+            if cursor.is_none() || items.len() >= limit {
+                items.truncate(limit);
+                return Ok(items);
+            }
+        }
+    }
+}
+
+/// The innermost cause: "connection refused", not "error sending request".
+fn reason(error: &reqwest::Error) -> String {
+    let mut source: &dyn std::error::Error = error;
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    if error.is_timeout() {
+        "no answer within 10 s".to_owned()
+    } else {
+        source.to_string()
+    }
+}

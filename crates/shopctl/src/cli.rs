@@ -1,0 +1,208 @@
+//! The command line: flags mirror the environment (`AMQP_URL`, `ORDER_URL`, ...).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shopctl",
+    version,
+    about = "The shop's operator tool: dead letters, stuck orders, an order's timeline, parked outbox rows."
+)]
+pub struct Cli {
+    /// RabbitMQ URL incl. vhost (dlq commands).
+    #[arg(long, env = "AMQP_URL", global = true, hide_env_values = true)]
+    pub amqp_url: Option<String>,
+    /// order-service base URL.
+    #[arg(
+        long,
+        env = "ORDER_URL",
+        global = true,
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub order_url: String,
+    /// inventory-service base URL.
+    #[arg(
+        long,
+        env = "INVENTORY_URL",
+        global = true,
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub inventory_url: String,
+    /// notification-service base URL.
+    #[arg(
+        long,
+        env = "NOTIFICATION_URL",
+        global = true,
+        default_value = "http://127.0.0.1:8082"
+    )]
+    pub notification_url: String,
+    /// Jaeger UI base URL (for trace links).
+    #[arg(
+        long,
+        env = "JAEGER_URL",
+        global = true,
+        default_value = "http://127.0.0.1:16686"
+    )]
+    pub jaeger_url: String,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Dead letters: list, show, send back (redrive) or delete (purge).
+    #[command(subcommand)]
+    Dlq(Dlq),
+    /// Orders in the saga.
+    #[command(subcommand)]
+    Orders(Orders),
+    /// One order's timeline across the three services.
+    Order {
+        /// The order id.
+        id: String,
+    },
+    /// Outbox rows the relay parked after repeated refusals by the broker.
+    #[command(subcommand)]
+    Outbox(Outbox),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Dlq {
+    /// Without --queue, the number of dead letters per DLQ; with it, each one.
+    List {
+        /// The source queue (e.g. notification.order-events); its DLQ is <queue>.dlq.
+        #[arg(long)]
+        queue: Option<String>,
+        #[command(flatten)]
+        limit: Limit,
+    },
+    /// One dead letter: its envelope and its payload decoded.
+    Show {
+        message_id: String,
+        #[arg(long)]
+        queue: String,
+        #[command(flatten)]
+        limit: Limit,
+    },
+    /// Sends dead letters back to their queue, oldest dead-lettered first.
+    Redrive {
+        #[arg(long)]
+        queue: String,
+        #[command(flatten)]
+        which: Which,
+        /// Say what would be sent, and send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        limit: Limit,
+    },
+    /// Deletes dead letters.
+    Purge {
+        #[arg(long)]
+        queue: String,
+        #[command(flatten)]
+        which: PurgeWhich,
+        /// Confirm the deletion.
+        #[arg(long, required = true)]
+        yes: bool,
+        #[command(flatten)]
+        limit: Limit,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct Limit {
+    /// Read at most this many dead letters at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub limit: usize,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Which {
+    /// Every dead letter of the queue.
+    #[arg(long)]
+    pub all: bool,
+    /// These message ids.
+    #[arg(long = "id", num_args = 1..)]
+    pub ids: Vec<String>,
+    /// Those whose reason contains TEXT.
+    #[arg(long, value_name = "TEXT")]
+    pub reason_contains: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct PurgeWhich {
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long = "id", num_args = 1..)]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Orders {
+    /// Orders still pending after --older-than, with the last event known.
+    Stuck {
+        /// e.g. 30s, 5m, 1h.
+        #[arg(long, default_value = "5m", value_parser = duration)]
+        older_than: Duration,
+        /// At most this many orders.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Outbox {
+    /// The parked rows, oldest first.
+    List {
+        #[command(flatten)]
+        database: Database,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
+    /// Puts parked rows back in the relay's stream.
+    Retry {
+        #[command(flatten)]
+        database: Database,
+        #[command(flatten)]
+        which: RowWhich,
+    },
+    /// Deletes parked rows: their events are never published.
+    Discard {
+        #[command(flatten)]
+        database: Database,
+        #[command(flatten)]
+        which: RowWhich,
+        /// Confirm the deletion.
+        #[arg(long, required = true)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct Database {
+    /// The service database holding the outbox.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct RowWhich {
+    #[arg(long)]
+    pub all: bool,
+    #[arg(long = "id", num_args = 1..)]
+    pub ids: Vec<uuid::Uuid>,
+}
+
+fn duration(raw: &str) -> Result<Duration, String> {
+    service_kit::config::parse_duration(raw)
+}

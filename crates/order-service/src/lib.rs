@@ -4,7 +4,7 @@
 //! ```text
 //!  config    environment → Config
 //!  domain    request parsing, order status
-//!  store     orders in PostgreSQL (+ outbox events in the same transaction)
+//!  store     orders in PostgreSQL (+ outbox events and history in the same transaction)
 //!  http      /orders routes
 //!  events    consumer of order.inventory-events
 //! ```
@@ -29,8 +29,10 @@ pub const NAME: &str = "order-service";
 pub const CRASH_AFTER_ORDER_COMMIT: &str = "order.after-commit";
 
 /// The service's own migrations (the messaging tables come from `messaging`).
-pub const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "orders", include_str!("../migrations/0001_orders.sql"))];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "orders", include_str!("../migrations/0001_orders.sql")),
+    (2, "order history", service_kit::history::MIGRATION),
+];
 
 /// Connects everything (one clear error on failure), starts consuming and binds
 /// the listener; `run_until_stopped` serves.

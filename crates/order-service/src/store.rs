@@ -1,6 +1,7 @@
 //! Orders in PostgreSQL. Every state change writes its event to the outbox in the
-//! same transaction, and every transition is guarded by the status it leaves, so
-//! a late or repeated event never moves an order backwards.
+//! same transaction (and to the order's history, `service_kit::history`), and
+//! every transition is guarded by the status it leaves, so a late or repeated
+//! event never moves an order backwards.
 
 use chrono::{DateTime, Utc};
 use contracts::{
@@ -9,6 +10,7 @@ use contracts::{
     names::keys,
 };
 use serde::Serialize;
+use service_kit::history;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -77,8 +79,21 @@ pub async fn place(tx: &mut PgConnection, id: Uuid, order: &NewOrder) -> Result<
             .collect(),
         placed_at: now(),
     };
-    messaging::enqueue(tx, outgoing(keys::ORDER_PLACED, &event, &event.order_id)).await?;
+    history::emit(
+        tx,
+        id,
+        outgoing(keys::ORDER_PLACED, &event, &event.order_id),
+    )
+    .await?;
     Ok(())
+}
+
+/// Whether the order exists.
+pub async fn exists(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1)")
+        .bind(id)
+        .fetch_one(pool)
+        .await
 }
 
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<OrderView>, sqlx::Error> {
@@ -202,8 +217,9 @@ pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<Cancel, sqlx::Error> {
                 reason: "cancelled by the customer".into(),
                 cancelled_at: now(),
             };
-            messaging::enqueue(
+            history::emit(
                 &mut tx,
+                id,
                 outgoing(keys::ORDER_CANCELLED, &event, &event.order_id),
             )
             .await?;
@@ -240,7 +256,12 @@ pub async fn confirm(tx: &mut PgConnection, id: Uuid) -> Result<Applied, sqlx::E
         order_id: id.to_string(),
         confirmed_at: now(),
     };
-    messaging::enqueue(tx, outgoing(keys::ORDER_CONFIRMED, &event, &event.order_id)).await?;
+    history::emit(
+        tx,
+        id,
+        outgoing(keys::ORDER_CONFIRMED, &event, &event.order_id),
+    )
+    .await?;
     Ok(Applied::Moved(Status::Confirmed))
 }
 
@@ -279,7 +300,12 @@ pub async fn reject(
         shortages: shortages.to_vec(),
         rejected_at: now(),
     };
-    messaging::enqueue(tx, outgoing(keys::ORDER_REJECTED, &event, &event.order_id)).await?;
+    history::emit(
+        tx,
+        id,
+        outgoing(keys::ORDER_REJECTED, &event, &event.order_id),
+    )
+    .await?;
     Ok(Applied::Moved(Status::Rejected))
 }
 

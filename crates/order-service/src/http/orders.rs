@@ -1,4 +1,5 @@
-//! `/orders`: place, read, list and cancel orders.
+//! `/orders`: place, read, list and cancel orders, and read an order's history
+//! (`/orders/{id}/events`: what order-service emitted and applied for it).
 //!
 //! `POST /orders` honours `Idempotency-Key` (draft-ietf-httpapi-idempotency-key):
 //! the same key with the same body replays the first response without creating a
@@ -14,8 +15,11 @@ use axum::{
     routing::{get, post},
 };
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use service_kit::problem::{ApiJson, ApiPath, ApiQuery, Problem};
+use serde::{Deserialize, Serialize};
+use service_kit::{
+    history,
+    problem::{self, ApiJson, ApiPath, ApiQuery, Problem},
+};
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -29,6 +33,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/orders", post(place).get(list))
         .route("/orders/{id}", get(read))
+        .route("/orders/{id}/events", get(events))
         .route("/orders/{id}/cancel", post(cancel))
 }
 
@@ -36,12 +41,7 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const KEY_MAX: usize = 255;
 
 fn order_id(raw: &str) -> Result<Uuid, Problem> {
-    let id = Uuid::parse_str(raw).map_err(|_| {
-        Problem::bad_request(format!(
-            "order id '{}' is not a UUID",
-            raw.chars().take(64).collect::<String>()
-        ))
-    })?;
+    let id = problem::path_uuid("order id", raw)?;
     tracing::Span::current().record("shop.order_id", id.to_string());
     Ok(id)
 }
@@ -144,6 +144,33 @@ async fn read(
         Some(order) => Ok(Json(order).into_response()),
         None => Err(Problem::not_found(format!("no order {id}"))),
     }
+}
+
+#[derive(Debug, Serialize)]
+struct OrderHistory<'a> {
+    order_id: Uuid,
+    /// The trace the saga runs in (of the first event that has one).
+    trace_id: Option<&'a str>,
+    items: &'a [history::Entry],
+}
+
+/// What order-service emitted and applied for the order, in that order, each
+/// emitted event with the state of its outbox row.
+async fn events(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, Problem> {
+    let id = order_id(&id)?;
+    if !store::exists(&state.pool, id).await? {
+        return Err(Problem::not_found(format!("no order {id}")));
+    }
+    let items = history::list(&state.pool, id).await?;
+    Ok(Json(OrderHistory {
+        order_id: id,
+        trace_id: history::first_trace_id(&items),
+        items: &items,
+    })
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]

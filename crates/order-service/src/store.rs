@@ -114,6 +114,8 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<OrderView>, sqlx::Err
 pub struct Filter {
     pub customer_id: Option<String>,
     pub status: Option<Status>,
+    /// Only orders created strictly before this instant.
+    pub created_before: Option<DateTime<Utc>>,
     pub limit: i64,
     /// Continue after this (created_at, id).
     pub after: Option<(DateTime<Utc>, Uuid)>,
@@ -127,13 +129,15 @@ pub async fn list(pool: &PgPool, filter: &Filter) -> Result<(Vec<OrderView>, boo
          WHERE ($1::text IS NULL OR customer_id = $1)
            AND ($2::text IS NULL OR status = $2)
            AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+           AND ($5::timestamptz IS NULL OR created_at < $5)
          ORDER BY created_at DESC, id DESC
-         LIMIT $5",
+         LIMIT $6",
     )
     .bind(&filter.customer_id)
     .bind(filter.status.map(Status::as_str))
     .bind(filter.after.map(|a| a.0))
     .bind(filter.after.map(|a| a.1))
+    .bind(filter.created_before)
     .bind(filter.limit + 1)
     .fetch_all(pool)
     .await?;

@@ -178,6 +178,8 @@ async fn events(
 struct ListQuery {
     customer_id: Option<String>,
     status: Option<String>,
+    /// RFC 3339; only orders created strictly before it.
+    created_before: Option<String>,
     limit: Option<i64>,
     cursor: Option<String>,
 }
@@ -201,6 +203,12 @@ async fn list(
             "limit must be between 1 and {LIMIT_MAX}"
         )));
     }
+    let created_before = query
+        .created_before
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(parse_instant)
+        .transpose()?;
     let after = query
         .cursor
         .as_deref()
@@ -210,6 +218,7 @@ async fn list(
     let filter = Filter {
         customer_id: query.customer_id.filter(|c| !c.is_empty()),
         status,
+        created_before,
         limit,
         after,
     };
@@ -218,6 +227,18 @@ async fn list(
         .then(|| orders.last().map(|o| cursor(o.created_at, o.id)))
         .flatten();
     Ok(Json(serde_json::json!({ "items": orders, "next": next })).into_response())
+}
+
+fn parse_instant(raw: &str) -> Result<DateTime<Utc>, Problem> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|e| {
+            Problem::bad_request(format!(
+                "created_before must be an RFC 3339 timestamp such as 2025-01-31T12:00:00Z ({e}); \
+                 got '{}'",
+                raw.chars().take(64).collect::<String>()
+            ))
+        })
 }
 
 /// `<microseconds since epoch>_<uuid>` of the last order on a page.

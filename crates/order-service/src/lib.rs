@@ -7,11 +7,13 @@
 //!  store     orders in PostgreSQL (+ outbox events and history in the same transaction)
 //!  http      /orders routes
 //!  events    consumer of order.inventory-events
+//!  gauges    pending orders on /metrics
 //! ```
 
 pub mod config;
 pub mod domain;
 pub mod events;
+pub mod gauges;
 pub mod http;
 pub mod store;
 
@@ -46,6 +48,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     let mut platform = Platform::start(spec, shutdown.clone()).await?;
     let inbox = platform.inbox();
     platform.consume(events::InventoryEvents { inbox });
+    gauges::start(&mut platform);
     let pool = platform.pool.clone();
     let retention = config.idempotency_retention;
     platform.spawn(async move {

@@ -360,3 +360,16 @@ pub async fn forget_idempotency_keys(
     .await?
     .rows_affected())
 }
+
+/// The orders still `pending`: how many, and the age of the oldest in seconds
+/// (0 when there is none).
+pub async fn pending_summary(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT count(*) AS pending,
+                COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest
+         FROM orders WHERE status = 'pending'",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((row.try_get("pending")?, row.try_get("oldest")?))
+}

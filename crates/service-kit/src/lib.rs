@@ -7,7 +7,7 @@
 //!  problem    application/problem+json errors and extractors that explain bad input
 //!  health     /healthz, /readyz (real checks), /metrics
 //!  history    per-order history of events emitted and applied (operator timelines)
-//!  metrics    Prometheus text: HTTP, consumers, relay, broker
+//!  metrics    Prometheus text: HTTP, consumers, relay, broker, service gauges
 //!  shutdown   SIGTERM/SIGINT → one cancellation token
 //! ```
 

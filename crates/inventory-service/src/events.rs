@@ -1,8 +1,10 @@
 //! The consumer of `inventory.order-events`: reserves stock for placed orders and
-//! releases it for cancelled ones, once per message (inbox).
+//! releases it for cancelled ones, once per message (inbox), recording each
+//! message in the order's history in the same transaction.
 
 use contracts::decode::Event;
 use messaging::{Handler, Inbox, IncomingMessage, Outcome, Processed};
+use service_kit::history;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -32,10 +34,12 @@ impl Handler for OrderEvents {
             ));
         };
         let span = tracing::info_span!("apply order event", shop.order_id = %order_id, shop.event = event.routing_key());
+        let received = history::Applied::of(&message);
         let result = self
             .inbox
             .process(&message.message_id, |tx| {
                 Box::pin(async move {
+                    history::record_applied(tx, order_id, &received).await?;
                     match &event {
                         Event::OrderPlaced(placed) => {
                             let outcome = store::reserve(tx, order_id, placed).await?;

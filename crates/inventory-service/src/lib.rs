@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!  config    environment → Config
-//!  store     stock and reservations in PostgreSQL (+ outbox events)
-//!  http      /stock routes
+//!  store     stock and reservations in PostgreSQL (+ outbox events and history)
+//!  http      /stock and /reservations routes
 //!  events    consumer of inventory.order-events
 //! ```
 
@@ -24,8 +24,10 @@ pub use config::Config;
 pub const NAME: &str = "inventory-service";
 
 /// The service's own migrations (the messaging tables are migrated beside them).
-pub const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "stock", include_str!("../migrations/0001_stock.sql"))];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "stock", include_str!("../migrations/0001_stock.sql")),
+    (2, "order history", service_kit::history::MIGRATION),
+];
 
 /// Connects everything (one clear error on failure), starts consuming and binds
 /// the listener; `run_until_stopped` serves.

@@ -3,16 +3,19 @@
 //! wrong). Reservations and releases first lock their SKU rows through
 //! `lock_stock`, in byte order of the SKU (`COLLATE "C"`) whatever the
 //! database's collation, so concurrent ones always lock in the same order and
-//! cannot deadlock.
+//! cannot deadlock. Every event is written to the outbox and to the order's
+//! history (`service_kit::history`) in the transaction of its state change.
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
 use contracts::{
     decode::{now, outgoing},
     events::v1::{OrderItem, OrderPlaced, Shortage, StockRejected, StockReleased, StockReserved},
     names::keys,
 };
 use serde::Serialize;
+use service_kit::history;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -77,6 +80,41 @@ fn view(row: &sqlx::postgres::PgRow) -> Result<StockView, sqlx::Error> {
         available: row.try_get("available")?,
         reserved: row.try_get("reserved")?,
     })
+}
+
+/// Inventory's row for an order.
+#[derive(Debug, Serialize)]
+pub struct ReservationView {
+    pub order_id: Uuid,
+    /// `reserved`, `rejected`, `released`, or `cancelled` (the cancellation
+    /// arrived before the order).
+    pub state: String,
+    /// The merged lines as reserved (or asked for, when rejected).
+    pub items: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub async fn reservation(
+    pool: &PgPool,
+    order_id: Uuid,
+) -> Result<Option<ReservationView>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT order_id, state, items, created_at, updated_at FROM reservations WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| {
+        Ok(ReservationView {
+            order_id: r.try_get("order_id")?,
+            state: r.try_get("state")?,
+            items: r.try_get("items")?,
+            created_at: r.try_get("created_at")?,
+            updated_at: r.try_get("updated_at")?,
+        })
+    })
+    .transpose()
 }
 
 /// What inventory did with an order.
@@ -166,7 +204,7 @@ pub async fn reserve(
             items,
             reserved_at: now(),
         };
-        messaging::enqueue(tx, outgoing(keys::STOCK_RESERVED, &event, &id)).await?;
+        history::emit(tx, order_id, outgoing(keys::STOCK_RESERVED, &event, &id)).await?;
         Ok(Reservation::Reserved)
     } else {
         record(tx, order_id, "rejected", &items_json).await?;
@@ -176,7 +214,7 @@ pub async fn reserve(
             shortages,
             rejected_at: now(),
         };
-        messaging::enqueue(tx, outgoing(keys::STOCK_REJECTED, &event, &id)).await?;
+        history::emit(tx, order_id, outgoing(keys::STOCK_REJECTED, &event, &id)).await?;
         Ok(Reservation::Rejected(count))
     }
 }
@@ -297,6 +335,6 @@ pub async fn release(tx: &mut PgConnection, order_id: Uuid) -> Result<Release, s
             .collect(),
         released_at: now(),
     };
-    messaging::enqueue(tx, outgoing(keys::STOCK_RELEASED, &event, &id)).await?;
+    history::emit(tx, order_id, outgoing(keys::STOCK_RELEASED, &event, &id)).await?;
     Ok(Release::Released)
 }

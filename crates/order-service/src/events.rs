@@ -1,9 +1,10 @@
 //! The consumer of `order.inventory-events`: applies reservation results to
-//! orders, once per message (inbox), emitting the next event in the same
-//! transaction.
+//! orders, once per message (inbox), recording the message in the order's
+//! history and emitting the next event in the same transaction.
 
 use contracts::decode::Event;
 use messaging::{Handler, Inbox, IncomingMessage, Outcome, Processed};
+use service_kit::history;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -38,10 +39,13 @@ impl Handler for InventoryEvents {
             ));
         };
         let span = tracing::info_span!("apply inventory result", shop.order_id = %order_id, shop.event = event.routing_key());
+        let received = history::Applied::of(&message);
         let result = self
             .inbox
             .process(&message.message_id, |tx| {
                 Box::pin(async move {
+                    // Rolled back with the rest if the order turns out unknown.
+                    history::record_applied(tx, order_id, &received).await?;
                     let applied = match &event {
                         Event::StockReserved(_) => store::confirm(tx, order_id).await?,
                         Event::StockRejected(e) => {

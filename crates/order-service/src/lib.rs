@@ -4,14 +4,16 @@
 //! ```text
 //!  config    environment → Config
 //!  domain    request parsing, order status
-//!  store     orders in PostgreSQL (+ outbox events in the same transaction)
+//!  store     orders in PostgreSQL (+ outbox events and history in the same transaction)
 //!  http      /orders routes
 //!  events    consumer of order.inventory-events
+//!  gauges    pending orders on /metrics
 //! ```
 
 pub mod config;
 pub mod domain;
 pub mod events;
+pub mod gauges;
 pub mod http;
 pub mod store;
 
@@ -29,8 +31,10 @@ pub const NAME: &str = "order-service";
 pub const CRASH_AFTER_ORDER_COMMIT: &str = "order.after-commit";
 
 /// The service's own migrations (the messaging tables come from `messaging`).
-pub const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "orders", include_str!("../migrations/0001_orders.sql"))];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "orders", include_str!("../migrations/0001_orders.sql")),
+    (2, "order history", service_kit::history::MIGRATION),
+];
 
 /// Connects everything (one clear error on failure), starts consuming and binds
 /// the listener; `run_until_stopped` serves.
@@ -44,6 +48,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     let mut platform = Platform::start(spec, shutdown.clone()).await?;
     let inbox = platform.inbox();
     platform.consume(events::InventoryEvents { inbox });
+    gauges::start(&mut platform);
     let pool = platform.pool.clone();
     let retention = config.idempotency_retention;
     platform.spawn(async move {

@@ -1,6 +1,7 @@
 //! Orders in PostgreSQL. Every state change writes its event to the outbox in the
-//! same transaction, and every transition is guarded by the status it leaves, so
-//! a late or repeated event never moves an order backwards.
+//! same transaction (and to the order's history, `service_kit::history`), and
+//! every transition is guarded by the status it leaves, so a late or repeated
+//! event never moves an order backwards.
 
 use chrono::{DateTime, Utc};
 use contracts::{
@@ -9,6 +10,7 @@ use contracts::{
     names::keys,
 };
 use serde::Serialize;
+use service_kit::history;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -77,8 +79,21 @@ pub async fn place(tx: &mut PgConnection, id: Uuid, order: &NewOrder) -> Result<
             .collect(),
         placed_at: now(),
     };
-    messaging::enqueue(tx, outgoing(keys::ORDER_PLACED, &event, &event.order_id)).await?;
+    history::emit(
+        tx,
+        id,
+        outgoing(keys::ORDER_PLACED, &event, &event.order_id),
+    )
+    .await?;
     Ok(())
+}
+
+/// Whether the order exists.
+pub async fn exists(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1)")
+        .bind(id)
+        .fetch_one(pool)
+        .await
 }
 
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<OrderView>, sqlx::Error> {
@@ -99,6 +114,8 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<OrderView>, sqlx::Err
 pub struct Filter {
     pub customer_id: Option<String>,
     pub status: Option<Status>,
+    /// Only orders created strictly before this instant.
+    pub created_before: Option<DateTime<Utc>>,
     pub limit: i64,
     /// Continue after this (created_at, id).
     pub after: Option<(DateTime<Utc>, Uuid)>,
@@ -112,13 +129,15 @@ pub async fn list(pool: &PgPool, filter: &Filter) -> Result<(Vec<OrderView>, boo
          WHERE ($1::text IS NULL OR customer_id = $1)
            AND ($2::text IS NULL OR status = $2)
            AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+           AND ($5::timestamptz IS NULL OR created_at < $5)
          ORDER BY created_at DESC, id DESC
-         LIMIT $5",
+         LIMIT $6",
     )
     .bind(&filter.customer_id)
     .bind(filter.status.map(Status::as_str))
     .bind(filter.after.map(|a| a.0))
     .bind(filter.after.map(|a| a.1))
+    .bind(filter.created_before)
     .bind(filter.limit + 1)
     .fetch_all(pool)
     .await?;
@@ -202,8 +221,9 @@ pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<Cancel, sqlx::Error> {
                 reason: "cancelled by the customer".into(),
                 cancelled_at: now(),
             };
-            messaging::enqueue(
+            history::emit(
                 &mut tx,
+                id,
                 outgoing(keys::ORDER_CANCELLED, &event, &event.order_id),
             )
             .await?;
@@ -240,7 +260,12 @@ pub async fn confirm(tx: &mut PgConnection, id: Uuid) -> Result<Applied, sqlx::E
         order_id: id.to_string(),
         confirmed_at: now(),
     };
-    messaging::enqueue(tx, outgoing(keys::ORDER_CONFIRMED, &event, &event.order_id)).await?;
+    history::emit(
+        tx,
+        id,
+        outgoing(keys::ORDER_CONFIRMED, &event, &event.order_id),
+    )
+    .await?;
     Ok(Applied::Moved(Status::Confirmed))
 }
 
@@ -279,7 +304,12 @@ pub async fn reject(
         shortages: shortages.to_vec(),
         rejected_at: now(),
     };
-    messaging::enqueue(tx, outgoing(keys::ORDER_REJECTED, &event, &event.order_id)).await?;
+    history::emit(
+        tx,
+        id,
+        outgoing(keys::ORDER_REJECTED, &event, &event.order_id),
+    )
+    .await?;
     Ok(Applied::Moved(Status::Rejected))
 }
 
@@ -329,4 +359,17 @@ pub async fn forget_idempotency_keys(
     .execute(pool)
     .await?
     .rows_affected())
+}
+
+/// The orders still `pending`: how many, and the age of the oldest in seconds
+/// (0 when there is none).
+pub async fn pending_summary(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT count(*) AS pending,
+                COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest
+         FROM orders WHERE status = 'pending'",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((row.try_get("pending")?, row.try_get("oldest")?))
 }

@@ -186,6 +186,7 @@ async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
 async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let mut out = String::new();
     health.metrics.render_http(&mut out);
+    health.metrics.render_gauges(&mut out);
     out.push_str("# HELP messaging_consumed_total Deliveries settled, by queue and outcome.\n");
     out.push_str("# TYPE messaging_consumed_total counter\n");
     for c in &health.consumers {

@@ -6,7 +6,8 @@
 //!  database   pool + embedded migrations; errors name host/db/user, never the password
 //!  problem    application/problem+json errors and extractors that explain bad input
 //!  health     /healthz, /readyz (real checks), /metrics
-//!  metrics    Prometheus text: HTTP, consumers, relay, broker
+//!  history    per-order history of events emitted and applied (operator timelines)
+//!  metrics    Prometheus text: HTTP, consumers, relay, broker, service gauges
 //!  shutdown   SIGTERM/SIGINT → one cancellation token
 //! ```
 
@@ -14,6 +15,7 @@ pub mod config;
 pub mod database;
 pub mod health;
 pub mod healthcheck;
+pub mod history;
 pub mod http_span;
 pub mod metrics;
 pub mod platform;

@@ -3,12 +3,18 @@
 //!
 //! HTTP requests are recorded by [`track_http`] (route template, method, status);
 //! messaging figures are read at scrape time from the consumer and relay probes
-//! and the broker handle.
+//! and the broker handle. A service adds figures of its own as [`Gauge`]s
+//! (registered with [`Metrics::gauge`]) that it sets from a periodic task: a
+//! scrape only reads the last values, so a slow database never holds up
+//! `/metrics`.
 
 use std::{
     collections::BTreeMap,
     fmt::Write,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
@@ -31,16 +37,69 @@ pub fn render_histogram(out: &mut String, name: &str, labels: &str, histogram: &
     let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
 }
 
+/// One value a service sets and `/metrics` reports as it was last set.
+#[derive(Clone, Debug, Default)]
+pub struct Gauge(Arc<AtomicU64>);
+
+impl Gauge {
+    pub fn set(&self, value: f64) {
+        self.0.store(value.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+#[derive(Debug)]
+struct Registered {
+    help: &'static str,
+    gauge: Gauge,
+}
+
 /// Metrics a service records as it runs.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// (method, route, status) → latency histogram.
     http: Mutex<BTreeMap<(String, String, u16), Arc<Histogram>>>,
+    /// The service's own gauges by name (names are the service's constants, so
+    /// the set is small and fixed).
+    gauges: Mutex<BTreeMap<&'static str, Registered>>,
 }
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// The gauge `name` (0 until set), registered on first use; asking again
+    /// for the same name returns the same gauge.
+    pub fn gauge(&self, name: &'static str, help: &'static str) -> Gauge {
+        self.gauges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name)
+            .or_insert_with(|| Registered {
+                help,
+                gauge: Gauge::default(),
+            })
+            .gauge
+            .clone()
+    }
+
+    /// The service's gauges, each with its HELP and TYPE lines.
+    pub fn render_gauges(&self, out: &mut String) {
+        let gauges = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, registered) in gauges.iter() {
+            sample(
+                out,
+                name,
+                "gauge",
+                registered.help,
+                "",
+                registered.gauge.get(),
+            );
+        }
     }
 
     pub fn observe_http(&self, method: &str, route: &str, status: u16, seconds: f64) {
@@ -140,5 +199,22 @@ mod tests {
         assert!(out.contains("le=\"0.005\"} 1"));
         assert!(out.contains("le=\"0.25\"} 2"));
         assert!(out.contains("le=\"+Inf\"} 2"));
+    }
+
+    #[test]
+    fn gauges_render_their_last_value_and_register_once() {
+        let metrics = Metrics::default();
+        let gauge = metrics.gauge("things_waiting", "Things waiting.");
+        let mut out = String::new();
+        metrics.render_gauges(&mut out);
+        assert!(out.contains("\nthings_waiting 0\n"), "{out}");
+        gauge.set(2.5);
+        metrics.gauge("things_waiting", "Things waiting.").set(3.0);
+        let mut out = String::new();
+        metrics.render_gauges(&mut out);
+        assert_eq!(
+            out,
+            "# HELP things_waiting Things waiting.\n# TYPE things_waiting gauge\nthings_waiting 3\n"
+        );
     }
 }

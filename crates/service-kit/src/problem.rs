@@ -209,6 +209,17 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
     }
 }
 
+/// A UUID taken from the path, e.g. `path_uuid("order id", raw)`; anything else
+/// is a 400 quoting (the start of) what came.
+pub fn path_uuid(what: &str, raw: &str) -> Result<uuid::Uuid, Problem> {
+    uuid::Uuid::parse_str(raw).map_err(|_| {
+        Problem::bad_request(format!(
+            "{what} '{}' is not a UUID",
+            raw.chars().take(64).collect::<String>()
+        ))
+    })
+}
+
 /// Answers unknown routes with a problem instead of an empty 404.
 pub async fn not_found() -> Problem {
     Problem::not_found("no such resource")

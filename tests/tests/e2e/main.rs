@@ -3,6 +3,7 @@
 
 mod api;
 mod deploy;
+mod history;
 mod saga;
 mod startup;
 mod telemetry;

@@ -1,5 +1,6 @@
 //! The HTTP API of inventory-service.
 
+mod reservations;
 mod stock;
 
 use axum::Router;
@@ -11,5 +12,7 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    stock::router().with_state(state)
+    stock::router()
+        .merge(reservations::router())
+        .with_state(state)
 }

@@ -1,4 +1,5 @@
-//! `/orders`: place, read, list and cancel orders.
+//! `/orders`: place, read, list and cancel orders, and read an order's history
+//! (`/orders/{id}/events`: what order-service emitted and applied for it).
 //!
 //! `POST /orders` honours `Idempotency-Key` (draft-ietf-httpapi-idempotency-key):
 //! the same key with the same body replays the first response without creating a
@@ -14,8 +15,11 @@ use axum::{
     routing::{get, post},
 };
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use service_kit::problem::{ApiJson, ApiPath, ApiQuery, Problem};
+use serde::{Deserialize, Serialize};
+use service_kit::{
+    history,
+    problem::{self, ApiJson, ApiPath, ApiQuery, Problem},
+};
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -29,6 +33,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/orders", post(place).get(list))
         .route("/orders/{id}", get(read))
+        .route("/orders/{id}/events", get(events))
         .route("/orders/{id}/cancel", post(cancel))
 }
 
@@ -36,12 +41,7 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const KEY_MAX: usize = 255;
 
 fn order_id(raw: &str) -> Result<Uuid, Problem> {
-    let id = Uuid::parse_str(raw).map_err(|_| {
-        Problem::bad_request(format!(
-            "order id '{}' is not a UUID",
-            raw.chars().take(64).collect::<String>()
-        ))
-    })?;
+    let id = problem::path_uuid("order id", raw)?;
     tracing::Span::current().record("shop.order_id", id.to_string());
     Ok(id)
 }
@@ -146,11 +146,40 @@ async fn read(
     }
 }
 
+#[derive(Debug, Serialize)]
+struct OrderHistory<'a> {
+    order_id: Uuid,
+    /// The trace the saga runs in (of the first event that has one).
+    trace_id: Option<&'a str>,
+    items: &'a [history::Entry],
+}
+
+/// What order-service emitted and applied for the order, in that order, each
+/// emitted event with the state of its outbox row.
+async fn events(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, Problem> {
+    let id = order_id(&id)?;
+    if !store::exists(&state.pool, id).await? {
+        return Err(Problem::not_found(format!("no order {id}")));
+    }
+    let items = history::list(&state.pool, id).await?;
+    Ok(Json(OrderHistory {
+        order_id: id,
+        trace_id: history::first_trace_id(&items),
+        items: &items,
+    })
+    .into_response())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     customer_id: Option<String>,
     status: Option<String>,
+    /// RFC 3339; only orders created strictly before it.
+    created_before: Option<String>,
     limit: Option<i64>,
     cursor: Option<String>,
 }
@@ -174,6 +203,12 @@ async fn list(
             "limit must be between 1 and {LIMIT_MAX}"
         )));
     }
+    let created_before = query
+        .created_before
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(parse_instant)
+        .transpose()?;
     let after = query
         .cursor
         .as_deref()
@@ -183,6 +218,7 @@ async fn list(
     let filter = Filter {
         customer_id: query.customer_id.filter(|c| !c.is_empty()),
         status,
+        created_before,
         limit,
         after,
     };
@@ -191,6 +227,18 @@ async fn list(
         .then(|| orders.last().map(|o| cursor(o.created_at, o.id)))
         .flatten();
     Ok(Json(serde_json::json!({ "items": orders, "next": next })).into_response())
+}
+
+fn parse_instant(raw: &str) -> Result<DateTime<Utc>, Problem> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|e| {
+            Problem::bad_request(format!(
+                "created_before must be an RFC 3339 timestamp such as 2025-01-31T12:00:00Z ({e}); \
+                 got '{}'",
+                raw.chars().take(64).collect::<String>()
+            ))
+        })
 }
 
 /// `<microseconds since epoch>_<uuid>` of the last order on a page.

@@ -209,6 +209,31 @@ impl Default for Options {
     }
 }
 
+/// What one `shopctl` run printed and how it ended.
+#[derive(Debug)]
+pub struct Shopctl {
+    /// `None` when a signal ended it.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Shopctl {
+    /// Its `--json` output, asserting it succeeded.
+    pub fn json(&self) -> Value {
+        assert_eq!(self.code, Some(0), "shopctl failed: {self:?}");
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("shopctl printed no JSON ({e}): {self:?}"))
+    }
+
+    /// Asserts it failed with one line on stderr containing `text`.
+    pub fn assert_fails_with(&self, text: &str) {
+        assert_eq!(self.code, Some(1), "shopctl should fail: {self:?}");
+        assert_eq!(self.stderr.lines().count(), 1, "one line: {self:?}");
+        assert!(self.stderr.contains(text), "{text:?} in {self:?}");
+    }
+}
+
 /// Three services, three databases, one vhost.
 #[derive(Debug)]
 pub struct Stack {
@@ -394,6 +419,38 @@ impl Stack {
         .expect("stop");
         for db in std::mem::take(&mut self.databases) {
             db.drop_db().await;
+        }
+    }
+
+    /// Runs the real `shopctl` against this stack (its broker vhost and the
+    /// services that run; a stopped one gets an address nothing listens on).
+    pub async fn shopctl(&self, args: &[&str], env: &[(&str, &str)]) -> Shopctl {
+        let url = |name: &str| {
+            self.processes
+                .iter()
+                .find(|p| p.name == name)
+                .map_or_else(|| "http://127.0.0.1:9".to_owned(), |p| p.url.clone())
+        };
+        let mut command = Command::new(binary("shopctl"));
+        command
+            .args(args)
+            .env_clear()
+            .env("AMQP_URL", self.vhost.amqp_url())
+            .env("ORDER_URL", url("order-service"))
+            .env("INVENTORY_URL", url("inventory-service"))
+            .env("NOTIFICATION_URL", url("notification-service"))
+            .env("JAEGER_URL", "http://jaeger.test:16686");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("join")
+            .expect("run shopctl");
+        Shopctl {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         }
     }
 

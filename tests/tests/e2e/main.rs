@@ -4,6 +4,7 @@
 mod api;
 mod deploy;
 mod history;
+mod operations;
 mod saga;
 mod startup;
 mod telemetry;

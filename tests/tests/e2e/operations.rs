@@ -1,0 +1,493 @@
+//! The operator's tool against the real stack: dead letters brought back,
+//! stuck orders found, an order's story told.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, extract::State, http::HeaderMap, http::StatusCode, routing::post};
+use e2e::{Options, Stack};
+use serde_json::Value;
+
+const QUEUE: &str = "notification.order-events";
+
+/// A webhook receiver that answers 503 while `down`; records the keys it took.
+#[derive(Clone, Default)]
+struct Receiver {
+    down: Arc<AtomicBool>,
+    delivered: Arc<Mutex<Vec<String>>>,
+}
+
+async fn receive(State(r): State<Receiver>, headers: HeaderMap) -> StatusCode {
+    if r.down.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    r.delivered.lock().expect("keys").push(key);
+    StatusCode::OK
+}
+
+impl Receiver {
+    async fn serve(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .with_state(self.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/hook")
+    }
+
+    fn delivered(&self) -> Vec<String> {
+        self.delivered.lock().expect("keys").clone()
+    }
+}
+
+/// A stack whose webhook is down, with `orders` orders placed and each
+/// placement's notification dead-lettered after its retries. Notifications are
+/// handled one at a time, so the order they are delivered in is observable.
+async fn dead_lettered_notifications(orders: usize) -> (Stack, Receiver, Vec<String>) {
+    let receiver = Receiver::default();
+    receiver.down.store(true, Ordering::SeqCst);
+    let url = receiver.serve().await;
+    let stack = Stack::start_with(Options {
+        env: vec![
+            ("notification-service", "NOTIFY_WEBHOOK_URL".into(), url),
+            (
+                "notification-service",
+                "CONSUMER_CONCURRENCY".into(),
+                "1".into(),
+            ),
+            ("notification-service", "AMQP_PREFETCH".into(), "1".into()),
+        ],
+        // The placement alone is notified.
+        held_back: vec!["inventory-service"],
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..orders {
+        ids.push(stack.place(&format!("ops-{i}"), &[("SKU-1", 1)]).await);
+    }
+    testkit::wait_until(
+        "every notification dead-lettered",
+        Duration::from_secs(60),
+        || async {
+            let counts = stack.shopctl(&["dlq", "list", "--json"], &[]).await.json();
+            counts["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|q| q["queue"] == QUEUE && q["messages"] == orders)
+        },
+    )
+    .await;
+    (stack, receiver, ids)
+}
+
+async fn listed(stack: &Stack) -> Vec<Value> {
+    stack
+        .shopctl(&["dlq", "list", "--queue", QUEUE, "--json"], &[])
+        .await
+        .json()["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn ids_of(items: &[Value]) -> Vec<String> {
+    items
+        .iter()
+        .map(|i| i["message_id"].as_str().expect("message_id").to_owned())
+        .collect()
+}
+
+async fn wait_metric(stack: &Stack, sample: &str, value: f64) {
+    let url = stack.notification();
+    testkit::wait_until(
+        &format!("{sample} = {value}"),
+        Duration::from_secs(30),
+        || async { stack.metric(&url, sample).await == value },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_lettered_notifications_are_listed_then_redriven_in_order_once_the_webhook_is_back() {
+    let (stack, receiver, orders) = dead_lettered_notifications(4).await;
+
+    let items = listed(&stack).await;
+    assert_eq!(items.len(), 4, "{items:?}");
+    for item in &items {
+        let order = item["order_id"].as_str().expect("order id");
+        assert!(orders.iter().any(|o| o == order), "{item}");
+        let reason = item["reason"].as_str().expect("reason");
+        assert!(
+            reason.contains("gave up after 4 attempts") && reason.contains("503"),
+            "{reason}"
+        );
+        assert_eq!(item["type"], "shop.events.v1.OrderPlaced");
+        assert_eq!(item["attempts"], 4);
+        assert_eq!(item["class"], "exhausted");
+        assert!(item["dead_lettered_at"].is_string(), "{item}");
+        assert!(item["size"].as_u64().is_some_and(|s| s > 0), "{item}");
+    }
+    let order = ids_of(&items);
+    assert_eq!(
+        ids_of(&listed(&stack).await),
+        order,
+        "listing leaves them, in order"
+    );
+    wait_metric(
+        &stack,
+        &format!("messaging_dead_lettered_total{{queue=\"{QUEUE}\",class=\"exhausted\"}}"),
+        4.0,
+    )
+    .await;
+    wait_metric(
+        &stack,
+        &format!("messaging_dlq_depth{{queue=\"{QUEUE}\"}}"),
+        4.0,
+    )
+    .await;
+
+    // One of them in full: envelope, headers and the payload decoded.
+    let shown = stack
+        .shopctl(&["dlq", "show", &order[0], "--queue", QUEUE, "--json"], &[])
+        .await
+        .json();
+    assert_eq!(shown["routing_key"], "order.placed");
+    assert_eq!(shown["payload"]["order_id"], items[0]["order_id"]);
+    assert!(shown["headers"]["traceparent"].is_string(), "{shown}");
+
+    // Mistakes change nothing and say what is wrong.
+    stack
+        .shopctl(&["dlq", "list", "--queue", "no.such-queue"], &[])
+        .await
+        .assert_fails_with("no queue 'no.such-queue'");
+    stack
+        .shopctl(
+            &[
+                "dlq",
+                "redrive",
+                "--queue",
+                QUEUE,
+                "--id",
+                &order[0],
+                "--id",
+                "not-there",
+            ],
+            &[],
+        )
+        .await
+        .assert_fails_with("not in notification.order-events.dlq: not-there");
+    stack
+        .shopctl(&["dlq", "show", "not-there", "--queue", QUEUE], &[])
+        .await
+        .assert_fails_with("no dead letter not-there");
+    assert_eq!(ids_of(&listed(&stack).await), order, "nothing moved");
+    assert!(receiver.delivered().is_empty());
+
+    receiver.down.store(false, Ordering::SeqCst);
+    let redrive = stack
+        .shopctl(&["dlq", "redrive", "--queue", QUEUE, "--all"], &[])
+        .await;
+    assert_eq!(redrive.code, Some(0), "{redrive:?}");
+    assert!(
+        redrive.stdout.contains("redriven 4 message(s)"),
+        "{redrive:?}"
+    );
+    testkit::wait_until(
+        "every notification delivered",
+        Duration::from_secs(30),
+        || async { receiver.delivered().len() >= 4 },
+    )
+    .await;
+    assert_eq!(
+        receiver.delivered(),
+        order,
+        "each once (one Idempotency-Key each), in dead-lettering order"
+    );
+    assert!(listed(&stack).await.is_empty(), "the DLQ is empty");
+    for id in &orders {
+        let notes = stack.notifications(id).await;
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0]["delivered_at"].is_string(), "{notes:?}");
+    }
+    wait_metric(
+        &stack,
+        &format!("messaging_redriven_total{{queue=\"{QUEUE}\"}}"),
+        4.0,
+    )
+    .await;
+    wait_metric(
+        &stack,
+        &format!("messaging_dlq_depth{{queue=\"{QUEUE}\"}}"),
+        0.0,
+    )
+    .await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_cut_off_half_way_loses_nothing_and_notifies_each_order_once() {
+    let (stack, receiver, orders) = dead_lettered_notifications(3).await;
+    let order = ids_of(&listed(&stack).await);
+    let acks = format!("messaging_consumed_total{{queue=\"{QUEUE}\",outcome=\"ack\"}}");
+    // Each delivery was acknowledged as it moved on: three times to a retry
+    // queue, once to the DLQ.
+    wait_metric(&stack, &acks, 12.0).await;
+    let acked_before = 12.0;
+    receiver.down.store(false, Ordering::SeqCst);
+
+    // shopctl dies once the broker confirmed the copies and before it removed
+    // the originals: its connection drops with every original still held.
+    let marker = std::env::temp_dir().join(format!("{}.crash", testkit::unique("redrive")));
+    let marker_path = marker.to_string_lossy().into_owned();
+    let cut = stack
+        .shopctl(
+            &["dlq", "redrive", "--queue", QUEUE, "--all"],
+            &[
+                ("CRASH_POINT", "redrive.after-confirm"),
+                ("CRASH_MARKER", &marker_path),
+            ],
+        )
+        .await;
+    assert_ne!(cut.code, Some(0), "{cut:?}");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap_or_default().trim(),
+        "redrive.after-confirm",
+        "the crash point fired"
+    );
+    let _ = std::fs::remove_file(&marker);
+    testkit::wait_until("the copies delivered", Duration::from_secs(30), || async {
+        receiver.delivered().len() >= 3
+    })
+    .await;
+    testkit::wait_until(
+        "the originals back in the DLQ",
+        Duration::from_secs(30),
+        || async { ids_of(&listed(&stack).await) == order },
+    )
+    .await;
+
+    // The second run sends them again; the inbox knows them and nothing more
+    // is delivered.
+    let again = stack
+        .shopctl(
+            &["dlq", "redrive", "--queue", QUEUE, "--all", "--json"],
+            &[],
+        )
+        .await
+        .json();
+    assert_eq!(again["count"], 3, "{again}");
+    wait_metric(
+        &stack,
+        &format!("messaging_redriven_total{{queue=\"{QUEUE}\"}}"),
+        6.0,
+    )
+    .await;
+    // Three copies and three duplicates handled and acknowledged.
+    wait_metric(&stack, &acks, acked_before + 6.0).await;
+    let delivered = receiver.delivered();
+    assert_eq!(delivered.len(), 3, "no notification twice: {delivered:?}");
+    assert_eq!(
+        delivered.iter().collect::<HashSet<_>>(),
+        order.iter().collect::<HashSet<_>>(),
+        "none lost"
+    );
+    assert!(listed(&stack).await.is_empty(), "the DLQ is empty");
+    for id in &orders {
+        assert_eq!(stack.notifications(id).await.len(), 1);
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shopctl_tells_a_confirmed_orders_story_and_finds_an_order_stuck_behind_a_parked_event() {
+    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
+        .await
+        .expect("proxy");
+    let stack = Stack::start_with(Options {
+        amqp_port: vec![("order-service", proxy.port())],
+        env: vec![("order-service", "OUTBOX_PARK_AFTER".into(), "1".into())],
+        ..Options::default()
+    })
+    .await;
+    stack.set_stock("SKU-1", 10).await;
+    let confirmed = stack.place("story", &[("SKU-1", 1)]).await;
+    assert_eq!(stack.settled(&confirmed).await["status"], "confirmed");
+    stack
+        .wait_notified(&confirmed, &["order.placed", "order.confirmed"])
+        .await;
+
+    // The timeline of the confirmed order, across the three services.
+    let story = stack
+        .shopctl(&["order", &confirmed, "--json"], &[])
+        .await
+        .json();
+    assert_eq!(story["status"], "confirmed");
+    let trace = story["trace_id"].as_str().expect("trace id").to_owned();
+    assert_eq!(trace.len(), 32, "{story}");
+    assert_eq!(
+        story["jaeger_url"],
+        format!("http://jaeger.test:16686/trace/{trace}")
+    );
+    let events = story["events"].as_array().expect("events");
+    let has = |service: &str, action: &str, event: &str| {
+        events
+            .iter()
+            .any(|e| e["service"] == service && e["action"] == action && e["event"] == event)
+    };
+    assert!(has("order-service", "emitted", "order.placed"), "{story}");
+    assert!(
+        has("inventory-service", "emitted", "inventory.reserved"),
+        "{story}"
+    );
+    assert!(
+        has("order-service", "applied", "inventory.reserved"),
+        "{story}"
+    );
+    assert!(
+        has("order-service", "emitted", "order.confirmed"),
+        "{story}"
+    );
+    assert!(
+        has("notification-service", "notified", "order.confirmed"),
+        "{story}"
+    );
+    for e in events {
+        if let Some(t) = e["trace_id"].as_str() {
+            assert_eq!(t, trace, "one trace: {e}");
+        }
+        assert!(e["message_id"].is_string(), "{e}");
+    }
+    assert!(
+        events
+            .iter()
+            .skip(1)
+            .all(|e| e["since_previous_ms"].as_i64().is_some_and(|ms| ms >= 0)),
+        "in time order: {story}"
+    );
+    let table = stack.shopctl(&["order", &confirmed], &[]).await;
+    assert_eq!(table.code, Some(0), "{table:?}");
+    assert!(
+        table.stdout.contains("order.confirmed") && table.stdout.contains(&trace),
+        "{}",
+        table.stdout
+    );
+
+    // An order whose OrderPlaced the broker refuses: its outbox row names an
+    // exchange that does not exist, and one refusal parks it.
+    proxy.block();
+    let stuck = stack.place("story", &[("SKU-1", 1)]).await;
+    let orders_db = &stack.databases[0].pool;
+    let row: uuid::Uuid = sqlx::query_scalar(
+        "UPDATE outbox SET exchange = 'shop.nowhere'
+         WHERE routing_key = 'order.placed' AND published_at IS NULL AND correlation_id = $1
+         RETURNING id",
+    )
+    .bind(&stuck)
+    .fetch_one(orders_db)
+    .await
+    .expect("the unpublished OrderPlaced");
+    proxy.restore();
+    let database_url = stack.databases[0].url.clone();
+    let parked = testkit::wait_for("the row parked", Duration::from_secs(60), || async {
+        let listed = stack
+            .shopctl(
+                &["outbox", "list", "--database-url", &database_url, "--json"],
+                &[],
+            )
+            .await
+            .json();
+        listed["items"]
+            .as_array()
+            .and_then(|items| items.first().cloned())
+    })
+    .await;
+    assert_eq!(parked["id"], row.to_string());
+    assert_eq!(parked["order_id"], stuck.as_str());
+    assert!(
+        parked["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("shop.nowhere")),
+        "{parked}"
+    );
+
+    let found = stack
+        .shopctl(&["orders", "stuck", "--older-than", "1ms", "--json"], &[])
+        .await
+        .json();
+    let items = found["items"].as_array().expect("items");
+    assert!(
+        items.iter().all(|o| o["id"] != confirmed.as_str()),
+        "a confirmed order is not stuck: {found}"
+    );
+    let entry = items
+        .iter()
+        .find(|o| o["id"] == stuck.as_str())
+        .unwrap_or_else(|| panic!("the parked order is stuck: {found}"));
+    assert_eq!(entry["last_event"]["event"], "order.placed");
+    assert_eq!(entry["last_event"]["outbox"]["state"], "parked");
+    assert!(entry["created_at"].is_string());
+
+    // Fixed, retried: the order goes through.
+    stack
+        .shopctl(
+            &[
+                "outbox",
+                "retry",
+                "--database-url",
+                &database_url,
+                "--id",
+                &uuid::Uuid::now_v7().to_string(),
+            ],
+            &[],
+        )
+        .await
+        .assert_fails_with("not a parked outbox row");
+    sqlx::query("UPDATE outbox SET exchange = 'shop.events' WHERE id = $1")
+        .bind(row)
+        .execute(orders_db)
+        .await
+        .expect("fix the row");
+    let retried = stack
+        .shopctl(
+            &[
+                "outbox",
+                "retry",
+                "--database-url",
+                &database_url,
+                "--id",
+                &row.to_string(),
+                "--json",
+            ],
+            &[],
+        )
+        .await
+        .json();
+    assert_eq!(retried["count"], 1);
+    assert_eq!(stack.settled(&stuck).await["status"], "confirmed");
+    let found = stack
+        .shopctl(&["orders", "stuck", "--older-than", "1ms", "--json"], &[])
+        .await
+        .json();
+    assert_eq!(found["items"], serde_json::json!([]), "{found}");
+    stack
+        .shopctl(&["order", &uuid::Uuid::now_v7().to_string()], &[])
+        .await
+        .assert_fails_with("unknown order");
+    stack.stop().await;
+}

@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
     about = "The shop's operator tool: dead letters, stuck orders, an order's timeline, parked outbox rows."
 )]
 pub struct Cli {
-    /// RabbitMQ URL incl. vhost (dlq commands).
+    /// RabbitMQ URL incl. vhost (dlq commands); or a file holding it in
+    /// AMQP_URL_FILE.
     #[arg(long, env = "AMQP_URL", global = true, hide_env_values = true)]
     pub amqp_url: Option<String>,
     /// order-service base URL.
@@ -189,9 +190,39 @@ pub enum Outbox {
 
 #[derive(Debug, Args)]
 pub struct Database {
-    /// The service database holding the outbox.
+    /// The service database holding the outbox; or a file holding it in
+    /// DATABASE_URL_FILE.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: Option<String>,
+}
+
+/// The variables shopctl reads (flags mirror them).
+pub const VARIABLES: &[&str] = &[
+    "AMQP_URL",
+    "AMQP_URL_FILE",
+    "DATABASE_URL",
+    "DATABASE_URL_FILE",
+    "ORDER_URL",
+    "INVENTORY_URL",
+    "NOTIFICATION_URL",
+    "JAEGER_URL",
+];
+
+/// `value`, else the content of the file named by `{name}_FILE` (how the
+/// services take secrets), else an error naming both.
+pub fn value_or_file(value: Option<&str>, name: &str, flag: &str) -> Result<String, String> {
+    if let Some(value) = value.filter(|v| !v.trim().is_empty()) {
+        return Ok(value.trim().to_owned());
+    }
+    let file_var = format!("{name}_FILE");
+    match std::env::var_os(&file_var) {
+        Some(path) => std::fs::read_to_string(&path)
+            .map(|v| v.trim().to_owned())
+            .map_err(|e| format!("cannot read {file_var} ({}): {e}", path.to_string_lossy())),
+        None => Err(format!(
+            "{name} is not set (pass {flag}, or set {name} or {file_var})"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]

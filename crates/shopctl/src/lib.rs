@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-pub use cli::Cli;
+pub use cli::{Cli, VARIABLES};
 
 /// Why a command failed; each displays as one line.
 #[derive(Debug, thiserror::Error)]

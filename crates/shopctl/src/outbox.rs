@@ -16,7 +16,13 @@ pub async fn run(cli: &Cli, command: &Outbox) -> Result<(), Error> {
         | Outbox::Retry { database, .. }
         | Outbox::Discard { database, .. } => database,
     };
-    let pool = service_kit::database::connect(&database.database_url, 1).await?;
+    let url = crate::cli::value_or_file(
+        database.database_url.as_deref(),
+        "DATABASE_URL",
+        "--database-url",
+    )
+    .map_err(Error::Config)?;
+    let pool = service_kit::database::connect(&url, 1).await?;
     let result = match command {
         Outbox::List { limit, .. } => list(cli, &pool, *limit).await,
         Outbox::Retry { which, .. } => {

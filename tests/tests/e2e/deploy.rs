@@ -90,6 +90,8 @@ struct Service {
     volumes: Vec<String>,
     entrypoint: Option<Vec<String>>,
     command: Option<Vec<String>>,
+    #[serde(default)]
+    profiles: Vec<String>,
 }
 
 #[allow(dead_code)] // every field is parsed to check the file; not all are read
@@ -277,6 +279,38 @@ fn compose_gives_each_service_only_variables_it_reads_and_all_it_requires() {
 }
 
 #[test]
+fn compose_runs_shopctl_on_demand_from_a_service_image_with_only_what_it_reads() {
+    let compose = compose();
+    let shopctl = &compose.services["shopctl"];
+    assert_eq!(shopctl.profiles, ["tools"], "not started by `compose up`");
+    let image = shopctl.image.as_deref().expect("image");
+    assert!(
+        e2e::SERVICES
+            .iter()
+            .any(|s| compose.services[*s].image.as_deref() == Some(image)),
+        "{image} is built by a service"
+    );
+    assert_eq!(
+        shopctl.entrypoint.as_deref(),
+        Some(&["/usr/local/bin/shopctl".to_owned()][..])
+    );
+    assert!(read("deploy/Dockerfile").contains("/usr/local/bin/shopctl"));
+    for (key, value) in &shopctl.environment {
+        assert!(
+            shopctl::VARIABLES.contains(&key.as_str()),
+            "shopctl is given {key}, which it does not read"
+        );
+        if let Some(path) = key.strip_suffix("_FILE").and(value.as_str()) {
+            let secret = path.strip_prefix("/run/secrets/").expect("a secret");
+            assert!(
+                shopctl.secrets.iter().any(|s| s == secret),
+                "{key}: {secret}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_misspelled_variable_in_compose_is_caught() {
     let text = read("docker-compose.yml").replacen(
         "OTEL_EXPORTER_OTLP_ENDPOINT:",
@@ -343,7 +377,9 @@ fn declared() -> Declared {
             main["x-dead-letter-routing-key"] = q.name.clone().into();
             main["x-delivery-limit"] = q.delivery_limit.into();
             queues.insert(q.name.clone(), main);
-            queues.insert(q.dlq_name(), common.clone());
+            let mut dlq = common.clone();
+            dlq["x-delivery-limit"] = messaging::topology::DLQ_DELIVERY_LIMIT.into();
+            queues.insert(q.dlq_name(), dlq);
             bindings.insert((
                 q.dead_letter_exchange.clone(),
                 q.dlq_name(),

@@ -149,6 +149,11 @@ async fn dead_lettered_notifications_are_listed_then_redriven_in_order_once_the_
         order,
         "listing leaves them, in order"
     );
+    let table = stack.shopctl(&["dlq", "list", "--queue", QUEUE], &[]).await;
+    assert_eq!(table.code, Some(0), "{table:?}");
+    assert!(table.stdout.starts_with("MESSAGE ID"), "{}", table.stdout);
+    assert!(order.iter().all(|id| table.stdout.contains(id.as_str())));
+    println!("$ shopctl dlq list --queue {QUEUE}\n{}", table.stdout);
     wait_metric(
         &stack,
         &format!("messaging_dead_lettered_total{{queue=\"{QUEUE}\",class=\"exhausted\"}}"),
@@ -382,6 +387,7 @@ async fn shopctl_tells_a_confirmed_orders_story_and_finds_an_order_stuck_behind_
     );
     let table = stack.shopctl(&["order", &confirmed], &[]).await;
     assert_eq!(table.code, Some(0), "{table:?}");
+    println!("$ shopctl order {confirmed}\n{}", table.stdout);
     assert!(
         table.stdout.contains("order.confirmed") && table.stdout.contains(&trace),
         "{}",
@@ -430,6 +436,14 @@ async fn shopctl_tells_a_confirmed_orders_story_and_finds_an_order_stuck_behind_
         .shopctl(&["orders", "stuck", "--older-than", "1ms", "--json"], &[])
         .await
         .json();
+    let table = stack
+        .shopctl(&["orders", "stuck", "--older-than", "1ms"], &[])
+        .await;
+    println!("$ shopctl orders stuck --older-than 1ms\n{}", table.stdout);
+    let outbox = stack
+        .shopctl(&["outbox", "list", "--database-url", &database_url], &[])
+        .await;
+    println!("$ shopctl outbox list\n{}", outbox.stdout);
     let items = found["items"].as_array().expect("items");
     assert!(
         items.iter().all(|o| o["id"] != confirmed.as_str()),

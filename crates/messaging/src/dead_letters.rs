@@ -6,8 +6,9 @@
 //!  take     basic.get every message of Q.dlq, unacknowledged (held, not removed)
 //!  sort     by dead-lettering time (x-dead-lettered-at, else the broker's x-death)
 //!  list     hand them all back (close the channel)
-//!  redrive  publish copies to Q (default exchange, confirms) in that order;
-//!           ack a DLQ copy only once its copy is confirmed; hand back the rest
+//!  redrive  publish copies to Q (default exchange, confirms) in that order, one
+//!           at a time; ack a DLQ original only once its copy is confirmed;
+//!           hand back the rest
 //!  purge    ack the selected ones; hand back the rest
 //! ```
 //!
@@ -19,8 +20,10 @@
 //!
 //! Interrupted anywhere (a cut connection, a crash of the caller), a message is
 //! in the DLQ, in `Q`, or, when the cut falls between a confirm and its ack, in
-//! both under one `message_id`, which the consumers' inboxes deduplicate.
-//! Nothing is lost and no effect happens twice.
+//! both under one `message_id`, which the consumers' inboxes deduplicate (as
+//! long as they keep its record: the inbox retention). Nothing is lost and no
+//! effect happens twice. One copy is in flight at a time, so a refused or
+//! unconfirmed copy is never overtaken by a later one.
 
 use std::{
     sync::{
@@ -48,9 +51,6 @@ use crate::{
 
 /// Bound of each broker operation; an operator tool must never hang.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Copies published per confirmed batch while redriving.
-const REDRIVE_BATCH: usize = 50;
 
 /// Headers of a dead letter that describe its death or its earlier tries: a
 /// redriven message starts its retries afresh.
@@ -91,6 +91,19 @@ pub enum DeadLetterError {
     UnknownIds { dlq: String, ids: Vec<String> },
     #[error("RabbitMQ did not answer within {0:?}")]
     Timeout(Duration),
+    #[error(
+        "{dlq} holds more than {limit} messages ({not_read} more): its oldest cannot be told from the rest, so nothing was moved; read at least {} at once",
+        limit + *not_read as usize
+    )]
+    TooMany {
+        dlq: String,
+        limit: usize,
+        not_read: u32,
+    },
+    #[error(
+        "no message of {dlq} arrived within {timeout:?}: one the client cannot parse (e.g. a message id or header name that is not UTF-8) may be at its head; remove it with the RabbitMQ UI or `rabbitmqctl purge_queue`"
+    )]
+    Unreadable { dlq: String, timeout: Duration },
     #[error("RabbitMQ: {0}")]
     Broker(String),
 }
@@ -150,8 +163,8 @@ impl DeadLetter {
                     (death.reason.as_deref() == Some("delivery_limit"))
                         .then_some(DeathClass::Exhausted)
                 }),
-            attempts: header_u32(&headers, headers::ATTEMPTS)
-                .or_else(|| header_u32(&headers, "x-delivery-count")),
+            // Not the DLQ's own x-delivery-count: reading the DLQ raises it.
+            attempts: header_u32(&headers, headers::ATTEMPTS),
             dead_lettered_at: header_str(&headers, headers::DEAD_LETTERED_AT)
                 .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
                 .map(|t| t.with_timezone(&Utc))
@@ -342,6 +355,9 @@ impl DeadLetters {
 
     /// Sends the selected dead letters of `queue` back to `queue`, oldest
     /// dead-lettered first; with `dry_run`, only says which it would send.
+    /// Refuses ([`DeadLetterError::TooMany`]) a DLQ holding more than `limit`:
+    /// a quorum queue hands back read messages in no useful order, so the
+    /// oldest are known only when every message was read.
     pub async fn redrive(
         &self,
         queue: &str,
@@ -351,6 +367,15 @@ impl DeadLetters {
         progress: Progress<'_>,
     ) -> Result<Moved, DeadLetterError> {
         let taken = self.take(queue, limit).await?;
+        // Order is known only among what was read.
+        if taken.not_read > 0 {
+            close(&taken.channel).await;
+            return Err(DeadLetterError::TooMany {
+                dlq: taken.dlq.clone(),
+                limit,
+                not_read: taken.not_read,
+            });
+        }
         let selected = match taken.select(selection) {
             Ok(selected) => selected,
             Err(e) => {
@@ -364,47 +389,54 @@ impl DeadLetters {
             ..Moved::default()
         };
         if dry_run {
-            report.moved = selected.iter().map(|l| l.message_id.clone()).collect();
+            report.moved = selected
+                .iter()
+                .map(|&i| taken.letters[i].message_id.clone())
+                .collect();
             close(&taken.channel).await;
             return Ok(report);
         }
         let total = selected.len();
         progress(0, total);
-        for batch in selected.chunks(REDRIVE_BATCH) {
-            let copies: Vec<OutgoingMessage> =
-                batch.iter().map(|l| l.redrive_copy(queue)).collect();
-            let results = self.publisher.publish_batch(&copies).await;
-            crate::faults::crash_point(crate::faults::points::REDRIVE_AFTER_CONFIRM);
-            // Stop at the first failure, so the order holds: a later copy of the
-            // batch that was confirmed anyway stays in the DLQ too (consumers
-            // deduplicate it by message id when it is redriven again).
-            for (letter, result) in batch.iter().zip(results) {
-                if let Err(error) = result {
-                    report.interrupted = Some(format!(
-                        "publishing {} to {queue} failed: {error}",
-                        letter.message_id
-                    ));
-                    break;
-                }
-                if let Err(error) = ack(&taken.channel, letter.delivery_tag).await {
-                    // The copy is in `queue` and the original still in the DLQ:
-                    // consumers deduplicate it by message id.
-                    report.moved.push(letter.message_id.clone());
-                    report.interrupted = Some(format!(
-                        "removing {} from the DLQ failed (it was redriven and is still in the DLQ): {error}",
-                        letter.message_id
-                    ));
-                    break;
-                }
-                report.moved.push(letter.message_id.clone());
-            }
-            progress(report.moved.len(), total);
-            if report.interrupted.is_some() {
+        for &index in &selected {
+            let letter = &taken.letters[index];
+            // The originals are held by this channel: once it is gone they are
+            // back in the DLQ, and a copy sent now would exist twice.
+            if !taken.channel.status().connected() {
+                report.interrupted =
+                    Some("the connection holding the dead letters was lost".to_owned());
                 break;
             }
+            // One copy in flight at a time: a copy the broker refuses or never
+            // confirms is never overtaken by a later one, so what reaches
+            // `queue` is always the oldest selected, in order.
+            if let Err(error) = self.publisher.publish(&letter.redrive_copy(queue)).await {
+                report.interrupted = Some(format!(
+                    "publishing {} to {queue} failed: {error}",
+                    letter.message_id
+                ));
+                break;
+            }
+            crate::faults::crash_point(crate::faults::points::REDRIVE_AFTER_CONFIRM);
+            if let Err(error) = ack(&taken.channel, letter.delivery_tag).await {
+                // The copy is in `queue` and the original still in the DLQ:
+                // consumers deduplicate it by message id.
+                report.moved.push(letter.message_id.clone());
+                report.interrupted = Some(format!(
+                    "removing {} from the DLQ failed (it was redriven and is still in the DLQ): {error}",
+                    letter.message_id
+                ));
+                break;
+            }
+            report.moved.push(letter.message_id.clone());
+            progress(report.moved.len(), total);
         }
         report.left = total - report.moved.len();
-        settle_and_close(&taken).await;
+        if let Err(error) = settle_and_close(&taken).await
+            && report.interrupted.is_none()
+        {
+            report.interrupted = Some(error);
+        }
         Ok(report)
     }
 
@@ -428,7 +460,8 @@ impl DeadLetters {
             not_read: taken.not_read,
             ..Moved::default()
         };
-        for letter in &selected {
+        for &index in &selected {
+            let letter = &taken.letters[index];
             if let Err(error) = ack(&taken.channel, letter.delivery_tag).await {
                 report.interrupted =
                     Some(format!("removing {} failed: {error}", letter.message_id));
@@ -437,7 +470,11 @@ impl DeadLetters {
             report.moved.push(letter.message_id.clone());
         }
         report.left = selected.len() - report.moved.len();
-        settle_and_close(&taken).await;
+        if let Err(error) = settle_and_close(&taken).await
+            && report.interrupted.is_none()
+        {
+            report.interrupted = Some(error);
+        }
         Ok(report)
     }
 
@@ -491,6 +528,13 @@ impl DeadLetters {
                     not_read = 0;
                     break;
                 }
+                Err(DeadLetterError::Timeout(timeout)) => {
+                    close(&channel).await;
+                    return Err(DeadLetterError::Unreadable {
+                        dlq: dlq.clone(),
+                        timeout,
+                    });
+                }
                 Err(e) => {
                     close(&channel).await;
                     return Err(e);
@@ -516,7 +560,8 @@ struct Taken {
 }
 
 impl Taken {
-    fn select(&self, selection: &Selection) -> Result<Vec<DeadLetter>, DeadLetterError> {
+    /// The indices of the selected letters, in dead-lettering order.
+    fn select(&self, selection: &Selection) -> Result<Vec<usize>, DeadLetterError> {
         if let Selection::Ids(ids) = selection {
             let missing: Vec<String> = ids
                 .iter()
@@ -530,11 +575,8 @@ impl Taken {
                 });
             }
         }
-        Ok(self
-            .letters
-            .iter()
-            .filter(|l| selection.matches(l))
-            .cloned()
+        Ok((0..self.letters.len())
+            .filter(|&i| selection.matches(&self.letters[i]))
             .collect())
     }
 }
@@ -598,16 +640,20 @@ async fn ack(channel: &Channel, delivery_tag: u64) -> Result<(), DeadLetterError
 /// queue is a synchronous command that the queue applies after the acks sent
 /// before it, so once it answers the acks are applied; what it takes goes back
 /// with the rest.
-async fn settle_and_close(taken: &Taken) {
-    if taken.channel.status().connected() {
-        let _ = bounded(
-            taken
-                .channel
-                .basic_get(taken.dlq.as_str().into(), BasicGetOptions::default()),
-        )
-        .await;
-    }
+async fn settle_and_close(taken: &Taken) -> Result<(), String> {
+    let applied = bounded(
+        taken
+            .channel
+            .basic_get(taken.dlq.as_str().into(), BasicGetOptions::default()),
+    )
+    .await;
     close(&taken.channel).await;
+    applied.map(|_| ()).map_err(|error| {
+        format!(
+            "the DLQ did not confirm the removals ({error}): some of them may still be in {}",
+            taken.dlq
+        )
+    })
 }
 
 /// Closes a channel, which hands its unacknowledged messages back to their

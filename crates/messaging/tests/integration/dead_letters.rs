@@ -225,6 +225,23 @@ async fn dead_letters_are_listed_in_dead_lettering_order_with_their_reason_and_s
         (5, 7),
         "a limited read says how many it did not read"
     );
+    // The oldest five cannot be known from five read: a redrive refuses.
+    let refused = fixture
+        .dead_letters
+        .redrive(fixture.queue(), &Selection::All, 5, false, &mut |_, _| {})
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(DeadLetterError::TooMany {
+                limit: 5,
+                not_read: 7,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(fixture.listed_ids().await, ids, "nothing moved");
     fixture.stop().await;
 }
 
@@ -360,7 +377,9 @@ async fn a_redrive_sends_the_chosen_dead_letters_back_once_in_dead_lettering_ord
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_purge_deletes_only_the_chosen_dead_letters() {
-    let (fixture, ids) = Fixture::with_dead_letters(4).await;
+    // Hundreds of acks before the channel closes: where a quorum queue drops
+    // some unless the close waits for them (rabbitmq-server#10327).
+    let (fixture, ids) = Fixture::with_dead_letters(300).await;
     let purged = fixture
         .dead_letters
         .purge(
@@ -371,10 +390,9 @@ async fn a_purge_deletes_only_the_chosen_dead_letters() {
         .await
         .expect("purge one");
     assert_eq!(purged.moved, vec![ids[2].clone()]);
-    assert_eq!(
-        fixture.listed_ids().await,
-        vec![ids[0].clone(), ids[1].clone(), ids[3].clone()]
-    );
+    let mut rest = ids.clone();
+    rest.remove(2);
+    assert_eq!(fixture.listed_ids().await, rest);
     let unknown = fixture
         .dead_letters
         .purge(
@@ -392,7 +410,7 @@ async fn a_purge_deletes_only_the_chosen_dead_letters() {
         .purge(fixture.queue(), &Selection::All, 10_000)
         .await
         .expect("purge all");
-    assert_eq!(all.moved.len(), 3);
+    assert_eq!(all.moved.len(), 299);
     assert!(fixture.listed_ids().await.is_empty());
     assert!(
         fixture.acked_ids().is_empty(),
@@ -661,4 +679,61 @@ async fn a_redrive_the_broker_refuses_part_way_leaves_every_unsent_message_in_th
     );
     assert_eq!(support::ready(&ch, fixture.queue()).await as usize, sent);
     fixture.stop().await;
+}
+
+/// A queue's arguments as the broker reports them.
+fn queue_arguments(queue: &str) -> Option<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "arguments"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{queue}\t")).map(str::to_owned))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dlq_made_before_dlqs_had_a_delivery_limit_is_kept_and_the_service_still_connects() {
+    let names = Names::new(support::fast_retry(2));
+    let (_conn, ch) = support::raw_channel().await;
+    // As an earlier version declared it: quorum, no delivery limit.
+    let mut old = messaging::FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        old.insert(k.into(), messaging::AMQPValue::LongString(v.into()));
+    }
+    ch.queue_declare(
+        names.queue.dlq_name().as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        old,
+    )
+    .await
+    .expect("the old DLQ");
+
+    let broker = messaging::Broker::connect(support::settings(), names.topology())
+        .await
+        .expect("connects over the old DLQ");
+    let args = queue_arguments(&names.queue.dlq_name()).expect("the DLQ exists");
+    assert!(!args.contains("x-delivery-limit"), "kept as it was: {args}");
+    let queue_args = queue_arguments(&names.queue.name).expect("the queue was declared");
+    assert!(queue_args.contains("x-delivery-limit"), "{queue_args}");
+    broker.close().await;
+    names.cleanup().await;
+
+    // A fresh one gets the limit.
+    let fresh = Names::new(support::fast_retry(2));
+    let broker = support::broker(&fresh).await;
+    let args = queue_arguments(&fresh.queue.dlq_name()).expect("the DLQ exists");
+    assert!(
+        args.contains("x-delivery-limit") && args.contains("1000000"),
+        "{args}"
+    );
+    broker.close().await;
+    fresh.cleanup().await;
 }

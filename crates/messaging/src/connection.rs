@@ -380,10 +380,7 @@ async fn declare(
         endpoint: format!("{}:{}", settings.host(), settings.port()),
         reason: e.to_string(),
     };
-    let channel = connection.create_channel().await.map_err(fail)?;
-    topology.declare(&channel).await.map_err(fail)?;
-    let _ = channel.close(200, "topology declared".into()).await;
-    Ok(())
+    topology.declare(connection).await.map_err(fail)
 }
 
 fn classify(settings: &AmqpSettings, endpoint: String, error: &lapin::Error) -> ConnectError {

@@ -498,12 +498,12 @@ impl<H: Handler> Runtime<H> {
         &self,
         connection: &lapin::Connection,
     ) -> lapin::Result<(Channel, lapin::Consumer)> {
+        // Re-declaring makes a deleted queue come back with its bindings.
+        self.queue.declare(connection).await?;
         let channel = connection.create_channel().await?;
         channel
             .basic_qos(self.options.prefetch, BasicQosOptions::default())
             .await?;
-        // Re-declaring makes a deleted queue come back with its bindings.
-        self.queue.declare(&channel).await?;
         let consumer = channel
             .basic_consume(
                 self.queue.name.as_str().into(),

@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use lapin::{
-    Channel, ExchangeKind,
+    Channel, Connection, ExchangeKind,
     options::{
         ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
         QueueDeclareOptions, QueueDeleteOptions,
@@ -156,16 +156,54 @@ impl QueueSpec {
             .collect()
     }
 
-    /// Declares the queue, its DLQ, its retry queues and bindings. The exchanges it
-    /// binds to must exist.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    /// Declares the queue, its DLQ, its retry queues and bindings, on a channel
+    /// of its own. The exchanges it binds to must exist.
+    pub async fn declare(&self, connection: &Connection) -> lapin::Result<()> {
+        let channel = self.declare_dlq(connection).await?;
+        let result = self.declare_rest(&channel).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "queue declared".into()).await;
+        }
+        result
+    }
+
+    /// Declares the DLQ and returns the open channel. A DLQ made before DLQs had
+    /// a delivery limit refuses the new arguments (406 inequivalent arg); it is
+    /// kept as it is, with a warning, so that an upgrade never stops a service.
+    async fn declare_dlq(&self, connection: &Connection) -> lapin::Result<Channel> {
         let dlq = self.dlq_name();
         let mut dlq_args = quorum_args();
         dlq_args.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(DLQ_DELIVERY_LIMIT),
         );
-        declare_quorum(channel, &dlq, dlq_args).await?;
+        let channel = connection.create_channel().await?;
+        match declare_quorum(&channel, &dlq, dlq_args).await {
+            Ok(()) => Ok(channel),
+            Err(error) if without_delivery_limit(&error) => {
+                tracing::warn!(
+                    queue = %dlq,
+                    "the DLQ was declared without x-delivery-limit: on RabbitMQ 4.0-4.2 a dead letter read 20 times is dropped; give it a delivery-limit policy or recreate it"
+                );
+                let channel = connection.create_channel().await?;
+                channel
+                    .queue_declare(
+                        dlq.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..QueueDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok(channel)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn declare_rest(&self, channel: &Channel) -> lapin::Result<()> {
+        let dlq = self.dlq_name();
         channel
             .queue_bind(
                 dlq.as_str().into(),
@@ -261,7 +299,18 @@ impl Topology {
     }
 
     /// Declares everything, exchanges first. Safe to run concurrently from replicas.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    pub async fn declare(&self, connection: &Connection) -> lapin::Result<()> {
+        let channel = connection.create_channel().await?;
+        let declared = self.declare_exchanges(&channel).await;
+        let _ = channel.close(200, "exchanges declared".into()).await;
+        declared?;
+        for queue in &self.queues {
+            queue.declare(connection).await?;
+        }
+        Ok(())
+    }
+
+    async fn declare_exchanges(&self, channel: &Channel) -> lapin::Result<()> {
         for exchange in &self.exchanges {
             let kind = match exchange.kind {
                 ExchangeType::Topic => ExchangeKind::Topic,
@@ -291,11 +340,14 @@ impl Topology {
                 )
                 .await?;
         }
-        for queue in &self.queues {
-            queue.declare(channel).await?;
-        }
         Ok(())
     }
+}
+
+/// The channel error of declaring a DLQ that exists without the delivery limit.
+fn without_delivery_limit(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if amqp.get_id() == 406 && amqp.get_message().as_str().contains("'x-delivery-limit'"))
 }
 
 fn quorum_args() -> FieldTable {

@@ -30,6 +30,13 @@ fn migrator() -> Migrator {
             include_str!("../migrations/0002_outbox_parking.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            3,
+            Cow::Borrowed("outbox discard"),
+            MigrationType::Simple,
+            include_str!("../migrations/0003_outbox_discard.sql").into_sql_str(),
+            false,
+        ),
     ]);
     migrator.dangerous_set_table_name(HISTORY_TABLE);
     migrator

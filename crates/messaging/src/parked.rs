@@ -2,8 +2,11 @@
 //! [`RelayOptions::park_after`](crate::RelayOptions::park_after) times (or that
 //! cannot be read) wait here with their reason until someone decides. `retry`
 //! puts them back in the relay's stream (it publishes them at its next round);
-//! `discard` deletes them. Both act on parked rows only, in one transaction:
-//! an id that is not a parked row fails the whole call and changes nothing.
+//! `discard` marks them never to be published (`discarded_at`): they stay, so
+//! what was never sent stays explainable (retention deletes published rows
+//! only).
+//! Both act on parked rows only, in one transaction: an id that is not a parked
+//! row fails the whole call and changes nothing.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
@@ -47,7 +50,8 @@ pub async fn list(pool: &PgPool, limit: i64) -> Result<Vec<ParkedRow>, sqlx::Err
     let rows = sqlx::query(
         "SELECT id, exchange, routing_key, type, correlation_id, created_at, parked_at,
                 failures, last_error, octet_length(payload)::bigint AS size
-         FROM outbox WHERE parked_at IS NOT NULL ORDER BY seq LIMIT $1",
+         FROM outbox WHERE parked_at IS NOT NULL AND discarded_at IS NULL
+         ORDER BY seq LIMIT $1",
     )
     .bind(limit)
     .fetch_all(pool)
@@ -79,7 +83,8 @@ pub async fn retry(pool: &PgPool, rows: &Rows) -> Result<Vec<Uuid>, ParkedError>
         rows,
         "WITH done AS (
              UPDATE outbox SET parked_at = NULL, failures = 0, next_attempt_at = NULL
-             WHERE parked_at IS NOT NULL AND ($1::uuid[] IS NULL OR id = ANY($1))
+             WHERE parked_at IS NOT NULL AND discarded_at IS NULL
+               AND ($1::uuid[] IS NULL OR id = ANY($1))
              RETURNING id, seq
          )
          SELECT id FROM done ORDER BY seq",
@@ -88,14 +93,15 @@ pub async fn retry(pool: &PgPool, rows: &Rows) -> Result<Vec<Uuid>, ParkedError>
     .await
 }
 
-/// Deletes the rows: their events are never published.
+/// Marks the rows discarded: their events are never published.
 pub async fn discard(pool: &PgPool, rows: &Rows) -> Result<Vec<Uuid>, ParkedError> {
     change(
         pool,
         rows,
         "WITH done AS (
-             DELETE FROM outbox
-             WHERE parked_at IS NOT NULL AND ($1::uuid[] IS NULL OR id = ANY($1))
+             UPDATE outbox SET discarded_at = now()
+             WHERE parked_at IS NOT NULL AND discarded_at IS NULL
+               AND ($1::uuid[] IS NULL OR id = ANY($1))
              RETURNING id, seq
          )
          SELECT id FROM done ORDER BY seq",

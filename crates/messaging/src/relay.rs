@@ -534,7 +534,8 @@ impl Relay {
                      WHERE published_at IS NULL AND parked_at IS NULL) AS backlog,
                     (SELECT EXTRACT(EPOCH FROM now() - min(created_at))::FLOAT8 FROM outbox
                      WHERE published_at IS NULL AND parked_at IS NULL) AS oldest,
-                    (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL) AS parked",
+                    (SELECT count(*) FROM outbox
+                     WHERE parked_at IS NOT NULL AND discarded_at IS NULL) AS parked",
         )
         .fetch_one(&self.pool)
         .await;

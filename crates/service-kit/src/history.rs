@@ -183,6 +183,8 @@ pub enum OutboxState {
     Pending,
     /// Refused by the broker too often; waits for an operator.
     Parked,
+    /// Parked, then discarded by an operator: never published.
+    Discarded,
 }
 
 /// The history of `order_id` in the order it was written (at most
@@ -191,10 +193,12 @@ pub enum OutboxState {
 pub async fn list(pool: &PgPool, order_id: Uuid) -> Result<Vec<Entry>, sqlx::Error> {
     // The CASE keeps the cast away from applied rows, whose message ids are the
     // producer's and need not be UUIDs; the outbox is found by its unique id.
-    // A published row that retention deleted is simply absent.
+    // A published row that retention deleted is simply absent (discarded rows
+    // are kept, marked).
     let rows = sqlx::query(
         "SELECT h.event, h.direction, h.message_id, h.trace_id, h.at,
-                o.id IS NOT NULL AS in_outbox, o.published_at, o.parked_at, o.attempts, o.last_error
+                o.id IS NOT NULL AS in_outbox, o.published_at, o.parked_at, o.discarded_at,
+                o.attempts, o.last_error
          FROM order_history h
          LEFT JOIN outbox o
                 ON o.id = CASE WHEN h.direction = 'emitted' THEN h.message_id::uuid END
@@ -225,11 +229,13 @@ fn entry(row: &sqlx::postgres::PgRow) -> Result<Entry, sqlx::Error> {
         Direction::Emitted => {
             let published_at: Option<DateTime<Utc>> = row.try_get("published_at")?;
             let parked_at: Option<DateTime<Utc>> = row.try_get("parked_at")?;
+            let discarded_at: Option<DateTime<Utc>> = row.try_get("discarded_at")?;
             Some(Outbox {
-                state: match (published_at, parked_at) {
-                    (Some(_), _) => OutboxState::Published,
-                    (None, Some(_)) => OutboxState::Parked,
-                    (None, None) => OutboxState::Pending,
+                state: match (published_at, parked_at, discarded_at) {
+                    (Some(_), _, _) => OutboxState::Published,
+                    (None, Some(_), Some(_)) => OutboxState::Discarded,
+                    (None, Some(_), None) => OutboxState::Parked,
+                    (None, None, _) => OutboxState::Pending,
                 },
                 published_at,
                 attempts: row.try_get("attempts")?,

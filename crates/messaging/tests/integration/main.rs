@@ -7,6 +7,7 @@ mod consume;
 mod dead_letters;
 mod inbox;
 mod outbox;
+mod parked;
 mod pause;
 mod preflight;
 mod publish;

@@ -91,6 +91,9 @@ async fn place(
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = stored {
+            // End the transaction now, not when the pool gets to it: its
+            // advisory lock would answer a 409 to the client's next request.
+            tx.rollback().await?;
             let request: String = row.try_get("request")?;
             if request != canonical {
                 return Err(Problem::field(

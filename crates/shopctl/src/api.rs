@@ -20,7 +20,7 @@ impl Api {
         Ok(Self { http })
     }
 
-    /// The JSON at `url`; `None` when the service answers 404.
+    /// The JSON at `url`; `None` when the service says it has no such resource.
     pub async fn get(&self, service: &'static str, url: &str) -> Result<Option<Value>, Error> {
         let response = self
             .http
@@ -33,8 +33,23 @@ impl Api {
                 reason: reason(&e),
             })?;
         let status = response.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
+        // The services answer an unknown id with a problem document; a bare 404
+        // is another server, or a path this version of the service lacks.
+        let problem = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/problem+json"));
+        if status == reqwest::StatusCode::NOT_FOUND && problem {
             return Ok(None);
+        }
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(Error::Http {
+                service,
+                url: url.to_owned(),
+                status: 404,
+                detail: "not a shop service's answer (check the URL)".to_owned(),
+            });
         }
         let body: Value = response.json().await.map_err(|e| Error::Http {
             service,

@@ -118,9 +118,15 @@ pub enum Dlq {
 
 #[derive(Debug, Args)]
 pub struct Limit {
-    /// Read at most this many dead letters at once.
-    #[arg(long, default_value_t = 10_000)]
-    pub limit: usize,
+    /// Read at most this many dead letters at once (a redrive needs them all).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
+}
+
+impl Limit {
+    pub fn get(&self) -> usize {
+        usize::try_from(self.limit).unwrap_or(usize::MAX)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -154,8 +160,8 @@ pub enum Orders {
         #[arg(long, default_value = "5m", value_parser = duration)]
         older_than: Duration,
         /// At most this many orders.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
     },
 }
 
@@ -166,7 +172,7 @@ pub enum Outbox {
         #[command(flatten)]
         database: Database,
         /// At most this many rows.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// Puts parked rows back in the relay's stream.

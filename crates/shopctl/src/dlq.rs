@@ -36,12 +36,12 @@ pub async fn run(cli: &Cli, command: &Dlq) -> Result<(), Error> {
         Dlq::List {
             queue: Some(queue),
             limit,
-        } => list(cli, &broker, queue, limit.limit).await,
+        } => list(cli, &broker, queue, limit.get()).await,
         Dlq::Show {
             message_id,
             queue,
             limit,
-        } => show(cli, &broker, queue, message_id, limit.limit).await,
+        } => show(cli, &broker, queue, message_id, limit.get()).await,
         Dlq::Redrive {
             queue,
             which,
@@ -55,7 +55,7 @@ pub async fn run(cli: &Cli, command: &Dlq) -> Result<(), Error> {
             } else {
                 Selection::Ids(which.ids.clone())
             };
-            redrive(cli, &broker, queue, &selection, *dry_run, limit.limit).await
+            redrive(cli, &broker, queue, &selection, *dry_run, limit.get()).await
         }
         Dlq::Purge {
             queue,
@@ -68,7 +68,7 @@ pub async fn run(cli: &Cli, command: &Dlq) -> Result<(), Error> {
             } else {
                 Selection::Ids(which.ids.clone())
             };
-            let report = broker.purge(queue, &selection, limit.limit).await?;
+            let report = broker.purge(queue, &selection, limit.get()).await?;
             finish(cli, "purged", queue, &report)
         }
     };
@@ -183,7 +183,7 @@ async fn show(
         letter
             .timestamp
             .and_then(|t| chrono::DateTime::from_timestamp(i64::try_from(t).ok()?, 0))
-            .map(|t| t.to_rfc3339())
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
     );
     detail["headers"] = table_json(&letter.headers);
     detail["payload"] = match Event::decode(&letter.message_type, &letter.payload) {
@@ -286,7 +286,7 @@ fn summary(letter: &DeadLetter) -> Value {
         "reason": letter.reason,
         "class": letter.class.map(|c| c.as_str()),
         "attempts": letter.attempts,
-        "dead_lettered_at": letter.dead_lettered_at.map(|t| t.to_rfc3339()),
+        "dead_lettered_at": letter.dead_lettered_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
         "redrives": letter.redrives,
         "size": letter.size(),
     })
@@ -318,7 +318,7 @@ fn value_json(value: &AMQPValue) -> Value {
         AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
         AMQPValue::Timestamp(t) => json!(
             chrono::DateTime::from_timestamp(i64::try_from(*t).unwrap_or(0), 0)
-                .map(|t| t.to_rfc3339())
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
         ),
         AMQPValue::FieldArray(items) => {
             Value::Array(items.as_slice().iter().map(value_json).collect())

@@ -85,7 +85,12 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     match &cli.command {
         cli::Command::Dlq(command) => dlq::run(&cli, command).await,
         cli::Command::Orders(cli::Orders::Stuck { older_than, limit }) => {
-            orders::stuck(&cli, *older_than, *limit).await
+            orders::stuck(
+                &cli,
+                *older_than,
+                usize::try_from(*limit).unwrap_or(usize::MAX),
+            )
+            .await
         }
         cli::Command::Order { id } => orders::timeline(&cli, id).await,
         cli::Command::Outbox(command) => outbox::run(&cli, command).await,

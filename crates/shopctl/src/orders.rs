@@ -19,9 +19,10 @@ const NOTIFICATION: &str = "notification-service";
 
 pub async fn stuck(cli: &Cli, older_than: Duration, limit: usize) -> Result<(), Error> {
     let api = Api::new()?;
-    let before = Utc::now()
-        - chrono::Duration::from_std(older_than)
-            .map_err(|_| Error::Config("--older-than is too large".into()))?;
+    let before = chrono::Duration::from_std(older_than)
+        .ok()
+        .and_then(|d| Utc::now().checked_sub_signed(d))
+        .ok_or_else(|| Error::Config("--older-than is too large".into()))?;
     let url = format!(
         "{}/orders?status=pending&created_before={}&limit={}",
         base(&cli.order_url),

@@ -80,7 +80,8 @@ async fn list(cli: &Cli, pool: &sqlx::PgPool, limit: i64) -> Result<(), Error> {
             r.id.to_string(),
             r.routing_key.clone(),
             r.correlation_id.clone().unwrap_or_else(|| "-".into()),
-            r.parked_at.to_rfc3339(),
+            r.parked_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             r.failures.to_string(),
             r.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);

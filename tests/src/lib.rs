@@ -443,10 +443,32 @@ impl Stack {
         for (key, value) in env {
             command.env(key, value);
         }
-        let output = tokio::task::spawn_blocking(move || command.output())
-            .await
-            .expect("join")
-            .expect("run shopctl");
+        // A shopctl that hangs fails the test instead of hanging it.
+        let output = tokio::task::spawn_blocking(move || {
+            let child = command
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run shopctl");
+            let pid = child.id();
+            let (done, waited) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                if waited.recv_timeout(Duration::from_secs(60)).is_err() {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                }
+            });
+            let output = child.wait_with_output().expect("wait for shopctl");
+            let _ = done.send(());
+            output
+        })
+        .await
+        .expect("join");
+        assert_ne!(
+            std::os::unix::process::ExitStatusExt::signal(&output.status),
+            Some(9),
+            "shopctl was killed after 60 s: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         Shopctl {
             code: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

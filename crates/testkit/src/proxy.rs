@@ -2,7 +2,9 @@
 //! every open connection (the client sees the socket close mid-stream), `block`
 //! also refuses new ones until `restore`, and `stall_next_declare` freezes the
 //! next AMQP connection at its next exchange or queue declare (a peer that died
-//! mid-declare without a FIN).
+//! mid-declare without a FIN). `delay_client` holds every chunk the client sends
+//! for a while before forwarding it (a slow link, so a test can act between
+//! two of a client's requests).
 //!
 //! Connections opened while nothing is armed are plain byte copies; only those
 //! opened while a stall is armed follow the client's AMQP frames.
@@ -11,7 +13,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -36,6 +38,8 @@ struct State {
     /// One-shot: the first watched connection to send a declare clears it.
     stall_armed: AtomicBool,
     stalls: AtomicUsize,
+    /// Milliseconds each client chunk waits, for connections opened after it was set.
+    client_delay_ms: AtomicU64,
 }
 
 impl State {
@@ -63,6 +67,7 @@ impl TcpProxy {
             cut: Mutex::new(CancellationToken::new()),
             stall_armed: AtomicBool::new(false),
             stalls: AtomicUsize::new(0),
+            client_delay_ms: AtomicU64::new(0),
         });
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(Self {
@@ -87,6 +92,15 @@ impl TcpProxy {
     pub fn block(&self) {
         self.state.refusing.store(true, Ordering::SeqCst);
         self.sever();
+    }
+
+    /// Delays every chunk a client sends by `delay` on connections opened from
+    /// now on (zero turns it off).
+    pub fn delay_client(&self, delay: std::time::Duration) {
+        self.state.client_delay_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
     }
 
     pub fn restore(&self) {
@@ -134,6 +148,14 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             };
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
+            let delay = state.client_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::select! {
+                    () = cut.cancelled() => {}
+                    () = relay_delayed(&mut client, &mut server, std::time::Duration::from_millis(delay)) => {}
+                }
+                return;
+            }
             if !watched {
                 tokio::select! {
                     () = cut.cancelled() => {}
@@ -152,6 +174,31 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             }
         });
     }
+}
+
+/// Copies both directions, holding each chunk from the client for `delay`.
+async fn relay_delayed(client: &mut TcpStream, server: &mut TcpStream, delay: std::time::Duration) {
+    let (mut client_rx, mut client_tx) = client.split();
+    let (mut server_rx, mut server_tx) = server.split();
+    let upstream = async {
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_rx.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            tokio::time::sleep(delay).await;
+            if server_tx.write_all(&chunk[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_tx.shutdown().await;
+    };
+    let downstream = async {
+        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+        let _ = client_tx.shutdown().await;
+    };
+    tokio::join!(upstream, downstream);
 }
 
 /// How a watched connection's relay ended.

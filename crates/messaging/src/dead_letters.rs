@@ -376,18 +376,7 @@ impl DeadLetters {
                 not_read: taken.not_read,
             });
         }
-        let selected = match taken.select(selection) {
-            Ok(selected) => selected,
-            Err(e) => {
-                close(&taken.channel).await;
-                return Err(e);
-            }
-        };
-        let mut report = Moved {
-            not_selected: taken.letters.len() - selected.len(),
-            not_read: taken.not_read,
-            ..Moved::default()
-        };
+        let (selected, mut report) = taken.choose(selection).await?;
         if dry_run {
             report.moved = selected
                 .iter()
@@ -448,18 +437,7 @@ impl DeadLetters {
         limit: usize,
     ) -> Result<Moved, DeadLetterError> {
         let taken = self.take(queue, limit).await?;
-        let selected = match taken.select(selection) {
-            Ok(selected) => selected,
-            Err(e) => {
-                close(&taken.channel).await;
-                return Err(e);
-            }
-        };
-        let mut report = Moved {
-            not_selected: taken.letters.len() - selected.len(),
-            not_read: taken.not_read,
-            ..Moved::default()
-        };
+        let (selected, mut report) = taken.choose(selection).await?;
         for &index in &selected {
             let letter = &taken.letters[index];
             if let Err(error) = ack(&taken.channel, letter.delivery_tag).await {
@@ -560,6 +538,25 @@ struct Taken {
 }
 
 impl Taken {
+    /// The selected letters and the report to fill in; on an error the
+    /// channel is closed (everything goes back).
+    async fn choose(&self, selection: &Selection) -> Result<(Vec<usize>, Moved), DeadLetterError> {
+        match self.select(selection) {
+            Ok(selected) => {
+                let report = Moved {
+                    not_selected: self.letters.len() - selected.len(),
+                    not_read: self.not_read,
+                    ..Moved::default()
+                };
+                Ok((selected, report))
+            }
+            Err(e) => {
+                close(&self.channel).await;
+                Err(e)
+            }
+        }
+    }
+
     /// The indices of the selected letters, in dead-lettering order.
     fn select(&self, selection: &Selection) -> Result<Vec<usize>, DeadLetterError> {
         if let Selection::Ids(ids) = selection {

@@ -112,6 +112,24 @@ fn ids_of(items: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// Every notification delivered once, in dead-lettering order, the DLQ empty.
+async fn each_notified_once_in_order(
+    stack: &Stack,
+    receiver: &Receiver,
+    order: &[String],
+    orders: &[String],
+) {
+    assert_eq!(
+        receiver.delivered(),
+        order,
+        "each once, none lost, in dead-lettering order"
+    );
+    assert!(listed(stack).await.is_empty(), "the DLQ is empty");
+    for id in orders {
+        assert_eq!(stack.notifications(id).await.len(), 1);
+    }
+}
+
 async fn wait_metric(stack: &Stack, sample: &str, value: f64) {
     let url = stack.notification();
     testkit::wait_until(
@@ -318,15 +336,7 @@ async fn a_redrive_cut_off_half_way_loses_nothing_and_notifies_each_order_once()
     )
     .await;
     wait_metric(&stack, &acks, acked_before + runs).await;
-    assert_eq!(
-        receiver.delivered(),
-        order,
-        "each once, none lost, in dead-lettering order"
-    );
-    assert!(listed(&stack).await.is_empty(), "the DLQ is empty");
-    for id in &orders {
-        assert_eq!(stack.notifications(id).await.len(), 1);
-    }
+    each_notified_once_in_order(&stack, &receiver, &order, &orders).await;
     stack.stop().await;
 }
 
@@ -595,14 +605,6 @@ async fn a_redrive_whose_broker_connection_is_cut_half_way_loses_nothing_and_not
         }
     })
     .await;
-    assert_eq!(
-        receiver.delivered(),
-        order,
-        "each once, none lost, in dead-lettering order"
-    );
-    assert!(listed(&stack).await.is_empty(), "the DLQ is empty");
-    for id in &orders {
-        assert_eq!(stack.notifications(id).await.len(), 1);
-    }
+    each_notified_once_in_order(&stack, &receiver, &order, &orders).await;
     stack.stop().await;
 }

@@ -4,14 +4,14 @@ use std::{
     collections::HashSet,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
 use messaging::{
     ConsumerHandle, ConsumerOptions, DeadLetterError, DeadLetters, DeathClass, Handler, Inbox,
-    IncomingMessage, Outcome, OutgoingMessage, Processed, Publisher, Selection, spawn_consumer,
+    IncomingMessage, Outcome, OutgoingMessage, Publisher, Selection, spawn_consumer,
 };
 use opentelemetry::trace::TraceContextExt;
 use tokio_util::sync::CancellationToken;
@@ -419,35 +419,6 @@ async fn a_purge_deletes_only_the_chosen_dead_letters() {
     fixture.stop().await;
 }
 
-/// Applies each message once through the inbox, counting its runs.
-struct Effects {
-    inbox: Inbox,
-    runs: Arc<AtomicU32>,
-}
-
-impl Handler for Effects {
-    async fn handle(&self, message: IncomingMessage) -> Outcome {
-        self.runs.fetch_add(1, Ordering::SeqCst);
-        let id = message.message_id.clone();
-        let result = self
-            .inbox
-            .process(&message.message_id, |tx| {
-                Box::pin(async move {
-                    sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                    Ok::<_, sqlx::Error>(())
-                })
-            })
-            .await;
-        match result {
-            Ok(Processed::Done(()) | Processed::Duplicate) => Outcome::Ack,
-            Err(e) => Outcome::database(&e),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_applies_each_once() {
     const COUNT: usize = 300;
@@ -535,7 +506,7 @@ async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_a
         started.elapsed().as_secs_f64() * 1000.0
     );
     let db = support::database().await;
-    let runs = Arc::new(AtomicU32::new(0));
+    let runs = support::log();
     let shutdown = CancellationToken::new();
     let consumer = spawn_consumer(
         broker.clone(),
@@ -544,9 +515,9 @@ async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_a
             app_id: "test".into(),
             ..Default::default()
         },
-        Effects {
+        support::Effect {
             inbox: Inbox::new(db.pool.clone(), "c"),
-            runs: runs.clone(),
+            deliveries: runs.clone(),
         },
         shutdown.clone(),
     );
@@ -583,7 +554,7 @@ async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_a
     );
     println!(
         "redrive cut: {} runs for {COUNT} messages (copies in both places were deduplicated)",
-        runs.load(Ordering::SeqCst)
+        runs.lock().expect("log").len()
     );
     shutdown.cancel();
     consumer.join().await;

@@ -5,8 +5,8 @@ use std::{
 };
 
 use messaging::{
-    ConsumerOptions, Handler, Inbox, IncomingMessage, NewMessage, Outcome, Processed, Publisher,
-    enqueue, spawn_consumer, spawn_relay,
+    ConsumerOptions, Handler, Inbox, IncomingMessage, NewMessage, Outcome, Publisher, enqueue,
+    spawn_consumer, spawn_relay,
 };
 use opentelemetry::{
     Context,
@@ -226,37 +226,6 @@ async fn with_the_broker_unreachable_the_commit_succeeds_and_the_event_goes_out_
 }
 
 /// Applies each message's effect through the inbox and logs every delivery.
-struct Effect {
-    inbox: Inbox,
-    deliveries: Arc<Mutex<Vec<String>>>,
-}
-
-impl Handler for Effect {
-    async fn handle(&self, message: IncomingMessage) -> Outcome {
-        self.deliveries
-            .lock()
-            .expect("log")
-            .push(message.message_id.clone());
-        let id = message.message_id.clone();
-        let result = self
-            .inbox
-            .process(&message.message_id, |tx| {
-                Box::pin(async move {
-                    sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
-                        .bind(id)
-                        .execute(tx)
-                        .await?;
-                    Ok::<_, sqlx::Error>(())
-                })
-            })
-            .await;
-        match result {
-            Ok(Processed::Done(()) | Processed::Duplicate) => Outcome::Ack,
-            Err(e) => Outcome::Retry(e.to_string()),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_between_confirm_and_mark_republishes_the_same_id_and_the_inbox_applies_it_once()
 {
@@ -280,7 +249,7 @@ async fn a_failure_between_confirm_and_mark_republishes_the_same_id_and_the_inbo
             app_id: "test".into(),
             ..Default::default()
         },
-        Effect {
+        support::Effect {
             inbox: Inbox::new(db.pool.clone(), "test-consumer"),
             deliveries: deliveries.clone(),
         },

@@ -199,3 +199,38 @@ pub async fn commit_event(pool: &sqlx::PgPool, exchange: &str, key: &str) -> uui
     tx.commit().await.expect("commit");
     id
 }
+
+/// Applies each message's effect (a row in `effects`) through the inbox and
+/// logs every delivery, duplicates included.
+pub struct Effect {
+    pub inbox: messaging::Inbox,
+    pub deliveries: Log<String>,
+}
+
+impl messaging::Handler for Effect {
+    async fn handle(&self, message: messaging::IncomingMessage) -> messaging::Outcome {
+        self.deliveries
+            .lock()
+            .expect("log")
+            .push(message.message_id.clone());
+        let id = message.message_id.clone();
+        let result = self
+            .inbox
+            .process(&message.message_id, |tx| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
+                        .bind(id)
+                        .execute(tx)
+                        .await?;
+                    Ok::<_, sqlx::Error>(())
+                })
+            })
+            .await;
+        match result {
+            Ok(messaging::Processed::Done(()) | messaging::Processed::Duplicate) => {
+                messaging::Outcome::Ack
+            }
+            Err(e) => messaging::Outcome::Retry(e.to_string()),
+        }
+    }
+}

@@ -608,8 +608,15 @@ impl Stack {
         .await
     }
 
-    /// The value of a Prometheus sample line starting with `prefix` on `url`.
+    /// The value of a Prometheus sample line starting with `prefix` on `url`
+    /// (0 when there is none).
     pub async fn metric(&self, url: &str, prefix: &str) -> f64 {
+        self.sample(url, prefix).await.unwrap_or(0.0)
+    }
+
+    /// The value of the first Prometheus sample line starting with `prefix` on
+    /// `url`, if there is one.
+    pub async fn sample(&self, url: &str, prefix: &str) -> Option<f64> {
         let text = self
             .http
             .get(format!("{url}/metrics"))
@@ -623,6 +630,5 @@ impl Stack {
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
     }
 }

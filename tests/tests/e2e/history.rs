@@ -492,17 +492,7 @@ async fn orders_created_before_an_instant_are_listed_with_status_and_pages() {
 
 /// The value of the sample `name` (no labels) on `url`'s `/metrics`, if present.
 async fn gauge(stack: &Stack, url: &str, name: &str) -> Option<f64> {
-    let text = stack
-        .http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    stack.sample(url, &format!("{name} ")).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

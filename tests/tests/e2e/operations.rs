@@ -112,6 +112,18 @@ fn ids_of(items: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// `shopctl dlq redrive --all`, which must move `expected` messages.
+async fn redrive_all(stack: &Stack, expected: usize) {
+    let done = stack
+        .shopctl(
+            &["dlq", "redrive", "--queue", QUEUE, "--all", "--json"],
+            &[],
+        )
+        .await
+        .json();
+    assert_eq!(done["count"], expected, "{done}");
+}
+
 /// Every notification delivered once, in dead-lettering order, the DLQ empty.
 async fn each_notified_once_in_order(
     stack: &Stack,
@@ -320,14 +332,7 @@ async fn a_redrive_cut_off_half_way_loses_nothing_and_notifies_each_order_once()
 
     // The second run sends what is left again; the inbox knows the second one
     // and only the third is delivered.
-    let again = stack
-        .shopctl(
-            &["dlq", "redrive", "--queue", QUEUE, "--all", "--json"],
-            &[],
-        )
-        .await
-        .json();
-    assert_eq!(again["count"], left.len(), "{again}");
+    redrive_all(&stack, left.len()).await;
     let runs = 2.0 + left.len() as f64;
     wait_metric(
         &stack,
@@ -576,14 +581,7 @@ async fn a_redrive_whose_broker_connection_is_cut_half_way_loses_nothing_and_not
         !left.is_empty() && left.iter().all(|id| order.contains(id)),
         "{left:?}"
     );
-    let again = stack
-        .shopctl(
-            &["dlq", "redrive", "--queue", QUEUE, "--all", "--json"],
-            &[],
-        )
-        .await
-        .json();
-    assert_eq!(again["count"], left.len(), "{again}");
+    redrive_all(&stack, left.len()).await;
     testkit::wait_until(
         "every notification delivered",
         Duration::from_secs(30),

@@ -136,7 +136,7 @@ impl QueueSpec {
     }
 
     pub fn dlq_name(&self) -> String {
-        format!("{}.dlq", self.name)
+        crate::dead_letters::dlq_name(&self.name)
     }
 
     /// The retry queue that holds a message for `delay`.

@@ -3,66 +3,63 @@
 //! message in the order's history in the same transaction.
 
 use contracts::decode::Event;
-use messaging::{Handler, Inbox, IncomingMessage, Outcome, Processed};
+use messaging::{ApplyError, BoxFuture, InboxHandler, IncomingMessage};
 use service_kit::history;
+use sqlx::PgConnection;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::store;
 
 #[derive(Debug)]
-pub struct OrderEvents {
-    pub inbox: Inbox,
+pub struct OrderEvents;
+
+/// A placed or cancelled order.
+#[derive(Debug)]
+pub struct OrderEvent {
+    order_id: Uuid,
+    event: Event,
 }
 
-impl Handler for OrderEvents {
-    async fn handle(&self, message: IncomingMessage) -> Outcome {
-        let event = match Event::decode(&message.message_type, &message.payload) {
-            Ok(event @ (Event::OrderPlaced(_) | Event::OrderCancelled(_))) => event,
-            Ok(other) => {
-                return Outcome::Reject(format!(
+impl InboxHandler for OrderEvents {
+    type Event = OrderEvent;
+
+    fn decode(&self, message: &IncomingMessage) -> Result<OrderEvent, String> {
+        let event = match Event::decode(&message.message_type, &message.payload)? {
+            event @ (Event::OrderPlaced(_) | Event::OrderCancelled(_)) => event,
+            other => {
+                return Err(format!(
                     "unexpected {} on the order events queue",
                     other.routing_key()
                 ));
             }
-            Err(reason) => return Outcome::Reject(reason),
         };
-        let Ok(order_id) = Uuid::parse_str(event.order_id()) else {
-            return Outcome::Reject(format!(
-                "invalid order id '{}'",
-                event.order_id().escape_debug()
-            ));
-        };
-        let span = tracing::info_span!("apply order event", shop.order_id = %order_id, shop.event = event.routing_key());
-        let received = history::Applied::of(&message);
-        let result = self
-            .inbox
-            .process(&message.message_id, |tx| {
-                Box::pin(async move {
-                    history::record_applied(tx, order_id, &received).await?;
-                    match &event {
-                        Event::OrderPlaced(placed) => {
-                            let outcome = store::reserve(tx, order_id, placed).await?;
-                            tracing::info!(?outcome, "order handled");
-                        }
-                        _ => {
-                            let outcome = store::release(tx, order_id).await?;
-                            tracing::info!(?outcome, "cancellation handled");
-                        }
-                    }
-                    Ok::<_, sqlx::Error>(())
-                })
-            })
-            .instrument(span)
-            .await;
-        match result {
-            Ok(Processed::Done(()) | Processed::Duplicate) => Outcome::Ack,
-            Err(e) => Outcome::database(&e),
-        }
+        let order_id = Uuid::parse_str(event.order_id())
+            .map_err(|_| format!("invalid order id '{}'", event.order_id().escape_debug()))?;
+        Ok(OrderEvent { order_id, event })
     }
 
-    /// Asked while paused after an outage: the database answers again.
-    async fn ready(&self) -> Result<(), String> {
-        self.inbox.ping().await
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        message: &'a IncomingMessage,
+        event: &'a OrderEvent,
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        let OrderEvent { order_id, event } = event;
+        let span = tracing::info_span!("apply order event", shop.order_id = %order_id, shop.event = event.routing_key());
+        Box::pin(
+            async move {
+                history::record_applied(tx, *order_id, &history::Applied::of(message)).await?;
+                if let Event::OrderPlaced(placed) = event {
+                    let outcome = store::reserve(tx, *order_id, placed).await?;
+                    tracing::info!(?outcome, "order handled");
+                } else {
+                    let outcome = store::release(tx, *order_id).await?;
+                    tracing::info!(?outcome, "cancellation handled");
+                }
+                Ok(())
+            }
+            .instrument(span),
+        )
     }
 }

@@ -39,8 +39,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         migrations: MIGRATIONS,
     };
     let mut platform = Platform::start(spec, shutdown).await?;
-    let inbox = platform.inbox();
-    platform.consume(events::OrderEvents { inbox });
+    platform.consume_inbox(events::OrderEvents);
     let routes = http::router(http::AppState {
         pool: platform.pool.clone(),
     });

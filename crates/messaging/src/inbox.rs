@@ -7,6 +7,11 @@
 //! Two deliveries of one message racing each other serialize on the primary key:
 //! the second insert waits for the first transaction and then finds the row (or,
 //! if the first rolled back, takes over).
+//!
+//! [`Inbox::process_batch`] does the same for several messages in one
+//! transaction: one insert records them all (in id order, so two batches that
+//! share ids wait for each other instead of deadlocking), and the work runs for
+//! the new ones.
 
 use futures_util::future::BoxFuture;
 use sqlx::{PgConnection, PgPool};
@@ -87,9 +92,48 @@ impl Inbox {
         lease.settled = true;
         result
     }
+
+    /// Runs `work` once for a batch of messages in one transaction. `work` is
+    /// told which of `message_ids` are new (`fresh[i]` for `message_ids[i]`): an
+    /// id processed before is not, and an id twice in the batch is new at its
+    /// first place only. On `Err` nothing of it persists, no inbox record
+    /// either, so each message can be run again (alone, say).
+    #[tracing::instrument(skip_all, fields(messaging.consumer.group.name = %self.consumer, messaging.batch.message_count = message_ids.len()))]
+    pub async fn process_batch<T, E, F>(&self, message_ids: &[&str], work: F) -> Result<T, E>
+    where
+        E: From<sqlx::Error>,
+        F: for<'c> FnOnce(&'c mut PgConnection, Vec<bool>) -> BoxFuture<'c, Result<T, E>>,
+    {
+        let mut lease = Lease {
+            connection: self.pool.acquire().await?,
+            settled: false,
+        };
+        let result = async {
+            let mut tx = sqlx::Connection::begin(&mut *lease.connection).await?;
+            let recorded: Vec<String> = sqlx::query_scalar(
+                "INSERT INTO inbox (consumer, message_id)
+                 SELECT $1, id FROM unnest($2::text[]) AS ids(id) ORDER BY id
+                 ON CONFLICT (consumer, message_id) DO NOTHING
+                 RETURNING message_id",
+            )
+            .bind(&self.consumer)
+            .bind(message_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut new: std::collections::HashSet<&str> =
+                recorded.iter().map(String::as_str).collect();
+            let fresh = message_ids.iter().map(|id| new.remove(id)).collect();
+            let value = work(&mut tx, fresh).await?;
+            tx.commit().await?;
+            Ok(value)
+        }
+        .await;
+        lease.settled = true;
+        result
+    }
 }
 
-/// The connection of one [`Inbox::process`] run. A run abandoned mid-statement
+/// The connection of one [`Inbox::process`] or [`Inbox::process_batch`] run. A run abandoned mid-statement
 /// (its future dropped, e.g. at the consumer's handler deadline) leaves a query in
 /// flight; returning that connection to the pool waits for the query however
 /// long it blocks, and a few such runs exhaust the pool. Closing it instead is

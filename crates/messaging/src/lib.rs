@@ -12,6 +12,7 @@
 //!  relay    claims rows (SKIP LOCKED), publishes with confirms, marks confirmed rows
 //!  parked   the rows the relay gave up on: list, retry, discard (operator)
 //!  Inbox::process(id, work)   dedup record + handler work in one transaction
+//!  InboxConsumer              a Handler from decode + apply (+ after); batches in one transaction
 //!  migrations                 embedded, own history table
 //! ```
 
@@ -24,6 +25,7 @@ pub mod faults;
 mod heartbeat;
 mod histogram;
 pub mod inbox;
+mod inbox_consumer;
 pub mod migrations;
 pub mod outbox;
 pub mod parked;
@@ -43,6 +45,7 @@ pub use dead_letters::{DeadLetter, DeadLetterError, DeadLetters, Selection};
 pub use heartbeat::{Heartbeat, WEDGED_AFTER};
 pub use histogram::Histogram;
 pub use inbox::{Inbox, Processed};
+pub use inbox_consumer::{ApplyError, InboxConsumer, InboxHandler};
 pub use outbox::{NewMessage, enqueue};
 pub use publisher::{
     CONTENT_TYPE_PROTOBUF, DEFAULT_CONFIRM_TIMEOUT, OutgoingMessage, PublishError, Publisher,
@@ -51,5 +54,7 @@ pub use relay::{RelayHandle, RelayOptions, RelayProbe, RelayStatus, spawn_relay}
 pub use settings::{AmqpSettings, InvalidUrl};
 pub use topology::{ExchangeBinding, ExchangeSpec, ExchangeType, QueueSpec, RetryPolicy, Topology};
 
+/// Re-exported: [`InboxHandler::apply`] returns one.
+pub use futures_util::future::BoxFuture;
 /// Re-exported so callers can build headers without depending on lapin directly.
 pub use lapin::types::{AMQPValue, FieldTable};

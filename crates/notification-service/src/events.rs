@@ -2,7 +2,8 @@
 //! records exactly one notification per (order, event), writes it to the log, and
 //! POSTs it to the webhook when one is configured.
 //!
-//! The record commits first (inbox, same transaction). The webhook call follows;
+//! The record commits first (inbox, same transaction; with the other messages
+//! of its batch). The webhook call follows;
 //! if it fails the handler asks for a retry, and the redelivery (a duplicate for
 //! the inbox) finds the notification still undelivered and tries again, until the
 //! runtime's attempts run out and the message goes to the DLQ with the reason.
@@ -11,7 +12,8 @@
 use std::time::Duration;
 
 use contracts::decode::Event;
-use messaging::{Handler, Inbox, IncomingMessage, Outcome};
+use messaging::{ApplyError, BoxFuture, InboxHandler, IncomingMessage, Outcome};
+use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -19,7 +21,8 @@ use crate::store;
 
 #[derive(Debug)]
 pub struct OrderEvents {
-    pub inbox: Inbox,
+    /// For the webhook's state, outside the inbox transaction.
+    pub pool: PgPool,
     pub webhook: Option<Webhook>,
 }
 
@@ -58,71 +61,92 @@ impl Webhook {
     }
 }
 
-impl Handler for OrderEvents {
-    async fn handle(&self, message: IncomingMessage) -> Outcome {
-        let event = match Event::decode(&message.message_type, &message.payload) {
-            Ok(
-                event @ (Event::OrderPlaced(_)
-                | Event::OrderConfirmed(_)
-                | Event::OrderRejected(_)
-                | Event::OrderCancelled(_)),
-            ) => event,
-            Ok(other) => {
-                return Outcome::Reject(format!(
+/// An order event to notify about.
+#[derive(Debug)]
+pub struct OrderEvent {
+    order_id: Uuid,
+    event: Event,
+}
+
+impl InboxHandler for OrderEvents {
+    type Event = OrderEvent;
+
+    fn decode(&self, message: &IncomingMessage) -> Result<OrderEvent, String> {
+        let event = match Event::decode(&message.message_type, &message.payload)? {
+            event @ (Event::OrderPlaced(_)
+            | Event::OrderConfirmed(_)
+            | Event::OrderRejected(_)
+            | Event::OrderCancelled(_)) => event,
+            other => {
+                return Err(format!(
                     "unexpected {} on the notifications queue",
                     other.routing_key()
                 ));
             }
-            Err(reason) => return Outcome::Reject(reason),
         };
-        let Ok(order_id) = Uuid::parse_str(event.order_id()) else {
-            return Outcome::Reject(format!(
-                "invalid order id '{}'",
-                event.order_id().escape_debug()
-            ));
-        };
+        let order_id = Uuid::parse_str(event.order_id())
+            .map_err(|_| format!("invalid order id '{}'", event.order_id().escape_debug()))?;
+        Ok(OrderEvent { order_id, event })
+    }
+
+    /// Records the notification (the log channel is delivered by recording it).
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        message: &'a IncomingMessage,
+        event: &'a OrderEvent,
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        let OrderEvent { order_id, event } = event;
         let name = event.routing_key();
+        let channel = if self.webhook.is_some() {
+            "webhook"
+        } else {
+            "log"
+        };
+        let body = serde_json::json!({
+            "order_id": order_id,
+            "event": name,
+            "message_id": message.message_id,
+            "summary": summary(event),
+        });
+        let new = store::New {
+            order_id: *order_id,
+            event: name,
+            message_id: &message.message_id,
+            channel,
+            body,
+            delivered: channel == "log",
+        };
         let span = tracing::info_span!("notify", shop.order_id = %order_id, shop.event = name);
-        async {
-            let channel = if self.webhook.is_some() { "webhook" } else { "log" };
-            let body = serde_json::json!({
-                "order_id": order_id,
-                "event": name,
-                "message_id": message.message_id,
-                "summary": summary(&event),
-            });
-            let message_id = message.message_id.clone();
-            let recorded = self
-                .inbox
-                .process(&message.message_id, |tx| {
-                    let body = body.clone();
-                    Box::pin(async move {
-                        store::record(
-                            tx,
-                            store::New {
-                                order_id,
-                                event: name,
-                                message_id: &message_id,
-                                channel,
-                                body,
-                                delivered: channel == "log",
-                            },
-                        )
-                        .await
-                    })
-                })
-                .await;
-            match recorded {
-                Ok(messaging::Processed::Done(true)) => {
-                    tracing::info!(order_id = %order_id, event = name, "notification: {}", summary(&event));
-                }
-                Ok(_) => {}
-                Err(e) => return Outcome::database(&e),
+        Box::pin(
+            async move {
+                store::record(tx, new).await?;
+                Ok(())
             }
-            let Some(webhook) = &self.webhook else {
-                return Outcome::Ack;
-            };
-            let pending = match store::pending_webhook(self.inbox.pool(), order_id, name).await {
+            .instrument(span),
+        )
+    }
+
+    /// Logs a notification recorded now, and delivers the webhook one that is
+    /// still undelivered (also on a redelivery, which finds it recorded).
+    async fn after(
+        &self,
+        _message: &IncomingMessage,
+        event: &OrderEvent,
+        applied: bool,
+    ) -> Outcome {
+        let OrderEvent { order_id, event } = event;
+        let name = event.routing_key();
+        if applied {
+            tracing::info!(order_id = %order_id, event = name, "notification: {}", summary(event));
+        }
+        let Some(webhook) = &self.webhook else {
+            return Outcome::Ack;
+        };
+        let span =
+            tracing::info_span!("deliver webhook", shop.order_id = %order_id, shop.event = name);
+        async {
+            let pending = match store::pending_webhook(&self.pool, *order_id, name).await {
                 Ok(p) => p,
                 Err(e) => return Outcome::database(&e),
             };
@@ -130,25 +154,24 @@ impl Handler for OrderEvents {
                 return Outcome::Ack;
             };
             match webhook.post(&first_message_id, &body).await {
-                Ok(()) => match store::mark_delivered(self.inbox.pool(), id).await {
+                Ok(()) => match store::mark_delivered(&self.pool, id).await {
                     Ok(()) => Outcome::Ack,
                     Err(e) => Outcome::database(&e),
                 },
                 Err((retry, reason)) => {
-                    if let Err(e) = store::mark_failed(self.inbox.pool(), id, &reason).await {
+                    if let Err(e) = store::mark_failed(&self.pool, id, &reason).await {
                         tracing::warn!(error = %e, "recording the webhook failure failed");
                     }
-                    if retry { Outcome::Retry(reason) } else { Outcome::Reject(reason) }
+                    if retry {
+                        Outcome::Retry(reason)
+                    } else {
+                        Outcome::Reject(reason)
+                    }
                 }
             }
         }
         .instrument(span)
         .await
-    }
-
-    /// Asked while paused after an outage: the database answers again.
-    async fn ready(&self) -> Result<(), String> {
-        self.inbox.ping().await
     }
 }
 

@@ -51,8 +51,10 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         migrations: MIGRATIONS,
     };
     let mut platform = Platform::start(spec, shutdown).await?;
-    let inbox = platform.inbox();
-    platform.consume(events::OrderEvents { inbox, webhook });
+    platform.consume_inbox(events::OrderEvents {
+        pool: platform.pool.clone(),
+        webhook,
+    });
     let routes = http::router(http::AppState {
         pool: platform.pool.clone(),
     });

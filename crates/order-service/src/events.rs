@@ -3,81 +3,70 @@
 //! history and emitting the next event in the same transaction.
 
 use contracts::decode::Event;
-use messaging::{Handler, Inbox, IncomingMessage, Outcome, Processed};
+use messaging::{ApplyError, BoxFuture, InboxHandler, IncomingMessage};
 use service_kit::history;
+use sqlx::PgConnection;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::store::{self, Applied};
 
 #[derive(Debug)]
-pub struct InventoryEvents {
-    pub inbox: Inbox,
+pub struct InventoryEvents;
+
+/// A reservation result for an order.
+#[derive(Debug)]
+pub struct InventoryEvent {
+    order_id: Uuid,
+    event: Event,
 }
 
-enum Failure {
-    Database(sqlx::Error),
-    Permanent(String),
-}
+impl InboxHandler for InventoryEvents {
+    type Event = InventoryEvent;
 
-impl From<sqlx::Error> for Failure {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Database(e)
+    fn decode(&self, message: &IncomingMessage) -> Result<InventoryEvent, String> {
+        let event = match Event::decode(&message.message_type, &message.payload)? {
+            event @ (Event::StockReserved(_)
+            | Event::StockRejected(_)
+            | Event::StockReleased(_)) => event,
+            other => {
+                return Err(format!(
+                    "unexpected {} on the inventory results queue",
+                    other.routing_key()
+                ));
+            }
+        };
+        let order_id = Uuid::parse_str(event.order_id())
+            .map_err(|_| format!("invalid order id '{}'", event.order_id().escape_debug()))?;
+        Ok(InventoryEvent { order_id, event })
     }
-}
 
-impl Handler for InventoryEvents {
-    async fn handle(&self, message: IncomingMessage) -> Outcome {
-        let event = match Event::decode(&message.message_type, &message.payload) {
-            Ok(event) => event,
-            Err(reason) => return Outcome::Reject(reason),
-        };
-        let Ok(order_id) = Uuid::parse_str(event.order_id()) else {
-            return Outcome::Reject(format!(
-                "invalid order id '{}'",
-                event.order_id().escape_debug()
-            ));
-        };
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        message: &'a IncomingMessage,
+        event: &'a InventoryEvent,
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        let InventoryEvent { order_id, event } = event;
+        let order_id = *order_id;
         let span = tracing::info_span!("apply inventory result", shop.order_id = %order_id, shop.event = event.routing_key());
-        let received = history::Applied::of(&message);
-        let result = self
-            .inbox
-            .process(&message.message_id, |tx| {
-                Box::pin(async move {
-                    // Rolled back with the rest if the order turns out unknown.
-                    history::record_applied(tx, order_id, &received).await?;
-                    let applied = match &event {
-                        Event::StockReserved(_) => store::confirm(tx, order_id).await?,
-                        Event::StockRejected(e) => {
-                            store::reject(tx, order_id, &e.shortages).await?
-                        }
-                        // A release needs nothing here: the order was cancelled already.
-                        Event::StockReleased(_) => Applied::Unchanged,
-                        other => {
-                            return Err(Failure::Permanent(format!(
-                                "unexpected {} on the inventory results queue",
-                                other.routing_key()
-                            )));
-                        }
-                    };
-                    if applied == Applied::UnknownOrder {
-                        return Err(Failure::Permanent(format!("unknown order {order_id}")));
-                    }
-                    tracing::info!(?applied, "inventory result applied");
-                    Ok(())
-                })
-            })
-            .instrument(span)
-            .await;
-        match result {
-            Ok(Processed::Done(()) | Processed::Duplicate) => Outcome::Ack,
-            Err(Failure::Permanent(reason)) => Outcome::Reject(reason),
-            Err(Failure::Database(e)) => Outcome::database(&e),
-        }
-    }
-
-    /// Asked while paused after an outage: the database answers again.
-    async fn ready(&self) -> Result<(), String> {
-        self.inbox.ping().await
+        Box::pin(
+            async move {
+                // Rolled back with the rest if the order turns out unknown.
+                history::record_applied(tx, order_id, &history::Applied::of(message)).await?;
+                let applied = match event {
+                    Event::StockReserved(_) => store::confirm(tx, order_id).await?,
+                    Event::StockRejected(e) => store::reject(tx, order_id, &e.shortages).await?,
+                    // A release needs nothing here: the order was cancelled already.
+                    _ => Applied::Unchanged,
+                };
+                if applied == Applied::UnknownOrder {
+                    return Err(ApplyError::Permanent(format!("unknown order {order_id}")));
+                }
+                tracing::info!(?applied, "inventory result applied");
+                Ok(())
+            }
+            .instrument(span),
+        )
     }
 }

@@ -46,8 +46,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         migrations: MIGRATIONS,
     };
     let mut platform = Platform::start(spec, shutdown.clone()).await?;
-    let inbox = platform.inbox();
-    platform.consume(events::InventoryEvents { inbox });
+    platform.consume_inbox(events::InventoryEvents);
     gauges::start(&mut platform);
     let pool = platform.pool.clone();
     let retention = config.idempotency_retention;

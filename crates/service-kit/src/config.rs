@@ -233,6 +233,8 @@ pub struct Common {
     pub retry: messaging::RetryPolicy,
     pub prefetch: u16,
     pub concurrency: usize,
+    /// Deliveries that arrived together handled in one transaction (`CONSUMER_BATCH`).
+    pub batch: usize,
     pub db_pool_size: u32,
     pub inbox_retention: std::time::Duration,
     /// Server-side bound of one statement (`DATABASE_STATEMENT_TIMEOUT`); twice
@@ -261,6 +263,7 @@ pub const COMMON_VARIABLES: &[&str] = &[
     "OUTBOX_PARK_AFTER",
     "AMQP_PREFETCH",
     "CONSUMER_CONCURRENCY",
+    "CONSUMER_BATCH",
     "DATABASE_POOL_SIZE",
 ];
 
@@ -288,6 +291,7 @@ impl Common {
             retry: retry_policy(env)?,
             prefetch: parsed(env, "AMQP_PREFETCH", 64)?,
             concurrency: parsed(env, "CONSUMER_CONCURRENCY", 16)?,
+            batch: parsed(env, "CONSUMER_BATCH", 32)?,
             db_pool_size: parsed(env, "DATABASE_POOL_SIZE", 20)?,
             inbox_retention: std::time::Duration::from_secs(7 * 24 * 3600),
             statement_timeout: duration(

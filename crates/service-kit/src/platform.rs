@@ -23,8 +23,8 @@ use std::{future::Future, net::SocketAddr, process::ExitCode, sync::Arc, time::D
 use axum::{Router, extract::DefaultBodyLimit, middleware, serve::ListenerExt};
 use contracts::topology::{self, Owner};
 use messaging::{
-    Broker, ConnectError, ConsumerHandle, ConsumerOptions, Handler, Inbox, Publisher, QueueSpec,
-    RelayHandle, RelayOptions, spawn_consumer, spawn_relay,
+    Broker, ConnectError, ConsumerHandle, ConsumerOptions, Handler, Inbox, InboxConsumer,
+    InboxHandler, Publisher, QueueSpec, RelayHandle, RelayOptions, spawn_consumer, spawn_relay,
 };
 use sqlx::PgPool;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -172,6 +172,7 @@ impl Platform {
         let options = ConsumerOptions {
             prefetch: self.common.prefetch,
             concurrency: self.common.concurrency,
+            batch: self.common.batch,
             app_id: self.name.to_owned(),
             handler_timeout: self.common.handler_timeout,
             publisher: Some(self.publisher.clone()),
@@ -192,6 +193,14 @@ impl Platform {
         );
         self.dlq_depths.push(depth);
         self.tasks.push(task);
+    }
+
+    /// Starts consuming this service's queue through its inbox: `handler`
+    /// applies each message exactly once, deliveries that arrive together share
+    /// one transaction (up to `CONSUMER_BATCH`).
+    pub fn consume_inbox<H: InboxHandler>(&mut self, handler: H) {
+        let consumer = InboxConsumer::new(self.inbox(), handler);
+        self.consume(consumer);
     }
 
     /// Runs `task` until shutdown (periodic maintenance of the service).

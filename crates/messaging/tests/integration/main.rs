@@ -3,6 +3,7 @@
 //! and RabbitMQ (`AMQP_URL`, default guest on 127.0.0.1:5672). Every test declares its own
 //! uniquely named exchanges, queues and database and deletes them at the end.
 
+mod batch;
 mod consume;
 mod dead_letters;
 mod inbox;

@@ -64,6 +64,11 @@ use crate::{
     propagation,
 };
 
+mod batch;
+mod unsettled;
+
+use unsettled::Subscription;
+
 /// Upper bound for one ack, nack or channel close: the client library can leave
 /// such a call pending forever when the connection dies under it.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -186,12 +191,35 @@ pub struct IncomingMessage {
     pub redelivered: bool,
     /// The producer's trace context (empty when absent or malformed).
     pub trace_context: Context,
+    /// This delivery's consumer span (`process <queue>`, a child of
+    /// `trace_context`). [`Handler::handle`] already runs inside it; a
+    /// [`Handler::handle_batch`] runs each message's work in its own.
+    pub span: tracing::Span,
 }
 
 /// Processes one message. Runs inside the consumer span; must not assume it runs
 /// only once per message (use the inbox for effects).
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, message: IncomingMessage) -> impl Future<Output = Outcome> + Send;
+
+    /// Processes the deliveries that were ready together (at most
+    /// [`ConsumerOptions::batch`]), answering one [`Outcome`] per message, in
+    /// order. A handler overrides it to share work between them, e.g. one
+    /// database transaction ([`crate::InboxConsumer`]). The default handles them
+    /// one after the other, each in its span.
+    fn handle_batch(
+        &self,
+        messages: Vec<IncomingMessage>,
+    ) -> impl Future<Output = Vec<Outcome>> + Send {
+        async move {
+            let mut outcomes = Vec::with_capacity(messages.len());
+            for message in messages {
+                let span = message.span.clone();
+                outcomes.push(self.handle(message).instrument(span).await);
+            }
+            outcomes
+        }
+    }
 
     /// Whether the handler's dependencies answer again, asked while the consumer
     /// is paused after [`Outcome::Unavailable`]. The default says yes, so the
@@ -205,8 +233,12 @@ pub trait Handler: Send + Sync + 'static {
 pub struct ConsumerOptions {
     /// Unacknowledged deliveries the broker may push ahead (basic.qos).
     pub prefetch: u16,
-    /// Handlers running at once.
+    /// Handler runs (of one message or one batch) at once.
     pub concurrency: usize,
+    /// Most deliveries handed to one [`Handler::handle_batch`]: those already
+    /// received when a handler slot frees, so a batch never waits to fill up.
+    /// 1 hands every delivery to [`Handler::handle`] alone.
+    pub batch: usize,
     /// Name stamped on moved messages and the consumer tag.
     pub app_id: String,
     /// Delay between re-subscribe attempts.
@@ -226,6 +258,7 @@ impl Default for ConsumerOptions {
         Self {
             prefetch: 32,
             concurrency: 8,
+            batch: 1,
             app_id: "shop".to_owned(),
             backoff: Backoff::default(),
             max_body: 1024 * 1024,
@@ -522,6 +555,7 @@ impl<H: Handler> Runtime<H> {
         generation: u64,
     ) -> End {
         let limit = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        let subscription = Arc::new(Subscription::new(generation));
         loop {
             self.heartbeat.beat();
             while in_flight.try_join_next().is_some() {}
@@ -547,16 +581,45 @@ impl<H: Handler> Runtime<H> {
                 // Idle is alive: beat, and look at the gate again.
                 () = tokio::time::sleep(Duration::from_secs(1)) => continue,
             };
-            match next {
+            let first = match next {
                 None => return End::Cancelled,
                 Some(Err(error)) => return End::Failed(error),
-                Some(Ok(delivery)) => {
-                    let runtime = self.clone();
-                    in_flight.spawn(async move {
-                        runtime.process(delivery, generation).await;
-                        drop(permit);
-                    });
+                Some(Ok(delivery)) => delivery,
+            };
+            subscription.taken(first.delivery_tag);
+            let mut deliveries = vec![first];
+            // What else has arrived joins the batch; nothing is waited for.
+            let mut ended = None;
+            while deliveries.len() < self.options.batch {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => {
+                        subscription.taken(delivery.delivery_tag);
+                        deliveries.push(delivery);
+                    }
+                    Some(Some(Err(error))) => {
+                        ended = Some(End::Failed(error));
+                        break;
+                    }
+                    Some(None) => {
+                        ended = Some(End::Cancelled);
+                        break;
+                    }
+                    None => break,
                 }
+            }
+            let runtime = self.clone();
+            let subscription = subscription.clone();
+            in_flight.spawn(async move {
+                if deliveries.len() == 1 {
+                    let delivery = deliveries.pop().expect("one delivery");
+                    runtime.process(&delivery, &subscription, true).await;
+                } else {
+                    runtime.process_batch(deliveries, &subscription).await;
+                }
+                drop(permit);
+            });
+            if let Some(end) = ended {
+                return end;
             }
         }
     }
@@ -624,29 +687,33 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    async fn process(self: &Arc<Self>, delivery: Delivery, generation: u64) {
+    /// Runs one delivery's handler until it gives a final answer, then settles
+    /// it. `first_run` is false when a batch already counted the run.
+    async fn process(
+        self: &Arc<Self>,
+        delivery: &Delivery,
+        subscription: &Subscription,
+        mut first_run: bool,
+    ) {
         let mut unavailable_after_resume = 0u32;
-        let mut first_run = true;
         let (outcome, attempt, span) = loop {
             let waited = self.gate.borrow().is_some();
-            if !matches!(self.resumed(generation).await, Gate::Open) {
+            if !matches!(self.resumed(subscription.generation).await, Gate::Open) {
                 return;
             }
-            let message = match self.envelope(&delivery) {
+            let message = match self.envelope(delivery) {
                 Ok(message) => message,
                 Err(reason) => {
                     tracing::warn!(queue = %self.queue.name, %reason, "poison message; dead-lettering");
-                    self.dead_letter(&delivery, &reason, 0, DeathClass::Poison, generation)
+                    self.dead_letter(delivery, &reason, 0, DeathClass::Poison, subscription)
                         .await;
                     return;
                 }
             };
-            let span = consumer_span(&message);
-            propagation::set_parent(&span, message.trace_context.clone());
-            propagation::tag_correlation(&span, message.correlation_id.as_deref());
+            let span = message.span.clone();
             let attempt = message.attempt;
-            if std::mem::take(&mut first_run) && message.redrives > 0 && attempt == 1 {
-                self.stats.redriven.fetch_add(1, Ordering::Relaxed);
+            if std::mem::take(&mut first_run) {
+                self.count_redriven(&message);
             }
             let started = Instant::now();
             let run = AssertUnwindSafe(self.handler.handle(message).instrument(span.clone()))
@@ -682,44 +749,60 @@ impl<H: Handler> Runtime<H> {
             };
             break (verdict, attempt, span);
         };
-        async {
-            match outcome {
-                Verdict::Ack => {
-                    tracing::Span::current().record("shop.outcome", "ack");
-                    crate::faults::crash_point(crate::faults::points::CONSUMER_BEFORE_ACK);
-                    self.ack(&delivery).await;
-                }
-                Verdict::Retry(reason) if attempt < self.queue.retry.max_attempts => {
-                    tracing::Span::current().record("shop.outcome", "retry");
-                    self.retry(&delivery, &reason, attempt, generation).await;
-                }
-                Verdict::Retry(reason) => {
-                    tracing::Span::current().record("shop.outcome", "dead-lettered");
-                    let reason = format!("gave up after {attempt} attempts: {reason}");
-                    self.dead_letter(
-                        &delivery,
-                        &reason,
-                        attempt,
-                        DeathClass::Exhausted,
-                        generation,
-                    )
-                    .await;
-                }
-                Verdict::Reject(reason) => {
-                    tracing::Span::current().record("shop.outcome", "dead-lettered");
-                    self.dead_letter(
-                        &delivery,
-                        &reason,
-                        attempt,
-                        DeathClass::Rejected,
-                        generation,
-                    )
-                    .await;
-                }
+        self.settle(delivery, outcome, attempt, subscription)
+            .instrument(span)
+            .await;
+    }
+
+    /// A first run of a message an operator sent back from the DLQ.
+    fn count_redriven(&self, message: &IncomingMessage) {
+        if message.redrives > 0 && message.attempt == 1 {
+            self.stats.redriven.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Settles a delivery the handler gave a final answer for (in its span).
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        verdict: Verdict,
+        attempt: u32,
+        subscription: &Subscription,
+    ) {
+        match verdict {
+            Verdict::Ack => {
+                tracing::Span::current().record("shop.outcome", "ack");
+                crate::faults::crash_point(crate::faults::points::CONSUMER_BEFORE_ACK);
+                self.ack(delivery, subscription).await;
+            }
+            Verdict::Retry(reason) if attempt < self.queue.retry.max_attempts => {
+                tracing::Span::current().record("shop.outcome", "retry");
+                self.retry(delivery, &reason, attempt, subscription).await;
+            }
+            Verdict::Retry(reason) => {
+                tracing::Span::current().record("shop.outcome", "dead-lettered");
+                let reason = format!("gave up after {attempt} attempts: {reason}");
+                self.dead_letter(
+                    delivery,
+                    &reason,
+                    attempt,
+                    DeathClass::Exhausted,
+                    subscription,
+                )
+                .await;
+            }
+            Verdict::Reject(reason) => {
+                tracing::Span::current().record("shop.outcome", "dead-lettered");
+                self.dead_letter(
+                    delivery,
+                    &reason,
+                    attempt,
+                    DeathClass::Rejected,
+                    subscription,
+                )
+                .await;
             }
         }
-        .instrument(span)
-        .await;
     }
 
     /// Checks what every message must carry; a failure is permanent.
@@ -751,7 +834,7 @@ impl<H: Handler> Runtime<H> {
             .unwrap_or_else(|| delivery.exchange.as_str().to_owned());
         let routing_key = header_str(&headers, headers::ORIGINAL_ROUTING_KEY)
             .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
-        Ok(IncomingMessage {
+        let mut message = IncomingMessage {
             queue: self.queue.name.clone(),
             trace_context: propagation::extract(Some(&headers)),
             message_id,
@@ -769,13 +852,19 @@ impl<H: Handler> Runtime<H> {
             attempt: retried.saturating_add(1),
             redrives,
             redelivered: delivery.redelivered,
-        })
+            span: tracing::Span::none(),
+        };
+        message.span = consumer_span(&message);
+        propagation::set_parent(&message.span, message.trace_context.clone());
+        propagation::tag_correlation(&message.span, message.correlation_id.as_deref());
+        Ok(message)
     }
 
-    async fn ack(&self, delivery: &Delivery) {
+    async fn ack(&self, delivery: &Delivery, subscription: &Subscription) {
         let ack = delivery.acker.ack(BasicAckOptions::default());
         match tokio::time::timeout(SETTLE_TIMEOUT, ack).await {
             Ok(Ok(_)) => {
+                subscription.settled([delivery.delivery_tag]);
                 self.stats.acked.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Err(error)) => tracing::warn!(
@@ -789,7 +878,7 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    async fn requeue(&self, delivery: &Delivery, why: &str) {
+    async fn requeue(&self, delivery: &Delivery, why: &str, subscription: &Subscription) {
         self.stats.requeued.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(queue = %self.queue.name, why, "returning the message to its queue");
         let options = BasicNackOptions {
@@ -797,7 +886,7 @@ impl<H: Handler> Runtime<H> {
             ..BasicNackOptions::default()
         };
         match tokio::time::timeout(SETTLE_TIMEOUT, delivery.acker.nack(options)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => subscription.settled([delivery.delivery_tag]),
             Ok(Err(error)) => {
                 tracing::warn!(queue = %self.queue.name, %error, "nack failed; the broker redelivers the message once its channel closes");
             }
@@ -807,7 +896,13 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    async fn retry(&self, delivery: &Delivery, reason: &str, attempt: u32, generation: u64) {
+    async fn retry(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        attempt: u32,
+        subscription: &Subscription,
+    ) {
         let delay = self
             .queue
             .retry
@@ -821,14 +916,18 @@ impl<H: Handler> Runtime<H> {
         );
         set_str(&mut copy.headers, headers::LAST_ERROR, reason);
         tracing::info!(queue = %self.queue.name, attempt, ?delay, %reason, "transient failure; retrying later");
-        match self.publish_move(&copy, generation).await {
+        match self.publish_move(&copy, subscription.generation).await {
             Ok(()) => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                self.ack(delivery).await;
+                self.ack(delivery, subscription).await;
             }
             Err(error) => {
-                self.requeue(delivery, &format!("scheduling the retry failed: {error}"))
-                    .await
+                self.requeue(
+                    delivery,
+                    &format!("scheduling the retry failed: {error}"),
+                    subscription,
+                )
+                .await
             }
         }
     }
@@ -839,7 +938,7 @@ impl<H: Handler> Runtime<H> {
         reason: &str,
         attempts: u32,
         class: DeathClass,
-        generation: u64,
+        subscription: &Subscription,
     ) {
         let mut copy = self.copy(delivery, &self.queue.dead_letter_exchange, &self.queue.name);
         set_str(&mut copy.headers, headers::DEATH_REASON, reason);
@@ -856,15 +955,19 @@ impl<H: Handler> Runtime<H> {
         );
         set_str(&mut copy.headers, headers::FAILED_QUEUE, &self.queue.name);
         tracing::warn!(queue = %self.queue.name, %reason, attempts, "dead-lettering message");
-        match self.publish_move(&copy, generation).await {
+        match self.publish_move(&copy, subscription.generation).await {
             Ok(()) => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 self.stats.dead_lettered_by_class[class.index()].fetch_add(1, Ordering::Relaxed);
-                self.ack(delivery).await;
+                self.ack(delivery, subscription).await;
             }
             Err(error) => {
-                self.requeue(delivery, &format!("dead-lettering failed: {error}"))
-                    .await
+                self.requeue(
+                    delivery,
+                    &format!("dead-lettering failed: {error}"),
+                    subscription,
+                )
+                .await
             }
         }
     }

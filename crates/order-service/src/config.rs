@@ -6,7 +6,11 @@ use service_kit::config::{self, Common, ConfigError, Env};
 
 /// The variables this service reads besides the common ones; deployment files are
 /// checked against [`variables`] (with [`service_kit::config::PLATFORM_VARIABLES`]).
-pub const OWN_VARIABLES: &[&str] = &["IDEMPOTENCY_RETENTION_HOURS"];
+pub const OWN_VARIABLES: &[&str] = &[
+    "IDEMPOTENCY_RETENTION_HOURS",
+    "ADMISSION_TARGET",
+    "ADMISSION_MIN_PENDING",
+];
 
 /// Every variable `Config::from_env` reads.
 pub fn variables() -> Vec<&'static str> {
@@ -22,6 +26,8 @@ pub struct Config {
     pub common: Common,
     /// How long Idempotency-Keys are remembered (at least 24 h).
     pub idempotency_retention: Duration,
+    /// When `POST /orders` answers 429 (`ADMISSION_TARGET`, `ADMISSION_MIN_PENDING`).
+    pub admission: crate::admission::Limits,
 }
 
 impl Config {
@@ -34,9 +40,26 @@ impl Config {
                 reason: format!("{hours} (keys are kept at least 24 hours)"),
             });
         }
+        let defaults = crate::admission::Limits::default();
+        let target = match config::optional(env, "ADMISSION_TARGET").as_deref() {
+            None => defaults.target,
+            Some("off") => None,
+            Some(raw) => {
+                Some(
+                    config::parse_duration(raw).map_err(|reason| ConfigError::Invalid {
+                        name: "ADMISSION_TARGET",
+                        reason: format!("{reason} (a duration such as 500ms, or off)"),
+                    })?,
+                )
+            }
+        };
         Ok(Self {
             common,
             idempotency_retention: Duration::from_secs(hours * 3600),
+            admission: crate::admission::Limits {
+                target,
+                min_pending: config::parsed(env, "ADMISSION_MIN_PENDING", defaults.min_pending)?,
+            },
         })
     }
 }

@@ -3,7 +3,7 @@
 //! history and emitting the next event in the same transaction.
 
 use contracts::decode::Event;
-use messaging::{ApplyError, BoxFuture, InboxHandler, IncomingMessage};
+use messaging::{ApplyError, BoxFuture, InboxHandler, IncomingMessage, Outcome};
 use service_kit::history;
 use sqlx::PgConnection;
 use tracing::Instrument;
@@ -12,7 +12,10 @@ use uuid::Uuid;
 use crate::store::{self, Applied};
 
 #[derive(Debug)]
-pub struct InventoryEvents;
+pub struct InventoryEvents {
+    /// Told when a result was applied: the saga is moving.
+    pub admission: crate::admission::Admission,
+}
 
 /// A reservation result for an order.
 #[derive(Debug)]
@@ -68,5 +71,17 @@ impl InboxHandler for InventoryEvents {
             }
             .instrument(span),
         )
+    }
+
+    async fn after(
+        &self,
+        _message: &IncomingMessage,
+        _event: &InventoryEvent,
+        applied: bool,
+    ) -> Outcome {
+        if applied {
+            self.admission.progressed();
+        }
+        Outcome::Ack
     }
 }

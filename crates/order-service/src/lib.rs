@@ -8,8 +8,10 @@
 //!  http      /orders routes
 //!  events    consumer of order.inventory-events
 //!  gauges    pending orders on /metrics
+//!  admission 429 for new orders while the saga cannot keep up
 //! ```
 
+pub mod admission;
 pub mod config;
 pub mod domain;
 pub mod events;
@@ -46,8 +48,16 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         migrations: MIGRATIONS,
     };
     let mut platform = Platform::start(spec, shutdown.clone()).await?;
-    platform.consume_inbox(events::InventoryEvents);
-    gauges::start(&mut platform);
+    let admission = admission::Admission::new(config.admission);
+    platform.consume_inbox(events::InventoryEvents {
+        admission: admission.clone(),
+    });
+    gauges::start(&mut platform, &admission);
+    platform.spawn(admission::sample(
+        admission.clone(),
+        platform.pool.clone(),
+        shutdown.clone(),
+    ));
     let pool = platform.pool.clone();
     let retention = config.idempotency_retention;
     platform.spawn(async move {
@@ -63,6 +73,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     });
     let routes = http::router(http::AppState {
         pool: platform.pool.clone(),
+        admission,
     });
     platform.bind(routes).await
 }

@@ -363,6 +363,30 @@ pub async fn forget_idempotency_keys(
 
 /// The orders still `pending`: how many, and the age of the oldest in seconds
 /// (0 when there is none).
+/// How many orders created within `recent` are still pending, and how long
+/// the median one of them has waited (zero when none): the queue of the saga,
+/// read through the `(status, created_at)` index.
+pub async fn recent_pending(
+    pool: &PgPool,
+    recent: std::time::Duration,
+) -> Result<(i64, std::time::Duration), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT count(*) AS pending,
+                COALESCE(EXTRACT(EPOCH FROM now() - percentile_disc(0.5)
+                    WITHIN GROUP (ORDER BY created_at)), 0)::float8 AS median_wait
+         FROM orders
+         WHERE status = 'pending' AND created_at > now() - make_interval(secs => $1)",
+    )
+    .bind(recent.as_secs_f64())
+    .fetch_one(pool)
+    .await?;
+    let wait: f64 = row.try_get("median_wait")?;
+    Ok((
+        row.try_get("pending")?,
+        std::time::Duration::try_from_secs_f64(wait.max(0.0)).unwrap_or_default(),
+    ))
+}
+
 pub async fn pending_summary(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
     let row = sqlx::query(
         "SELECT count(*) AS pending,

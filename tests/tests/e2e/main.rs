@@ -1,6 +1,7 @@
 //! End-to-end tests: real service processes, real RabbitMQ, real PostgreSQL.
 //! Each test starts its own stack (private vhost, fresh databases) and stops it.
 
+mod admission;
 mod api;
 mod deploy;
 mod history;

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub pool: PgPool,
+    pub admission: crate::admission::Admission,
 }
 
 pub fn router(state: AppState) -> Router {

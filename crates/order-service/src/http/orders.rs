@@ -5,7 +5,8 @@
 //! the same key with the same body replays the first response without creating a
 //! second order; the same key with another body is a 422; a request arriving while
 //! the first with its key is still being processed is a 409. Keys are kept 24 h
-//! (`IDEMPOTENCY_RETENTION_HOURS`).
+//! (`IDEMPOTENCY_RETENTION_HOURS`). While the saga cannot keep up, a new order
+//! is answered 429 with `Retry-After` before any database work ([`crate::admission`]).
 
 use axum::{
     Json, Router,
@@ -70,6 +71,20 @@ async fn place(
 ) -> Result<Response, Problem> {
     let key = idempotency_key(&headers)?;
     let order = NewOrder::parse(body).map_err(Problem::invalid)?;
+    if let Err(shed) = state.admission.admit() {
+        let mut reply = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "orders arrive faster than the shop completes them; retry after {} s",
+                shed.retry_after
+            ),
+        )
+        .into_response();
+        reply
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(shed.retry_after));
+        return Ok(reply);
+    }
     let canonical = serde_json::to_string(&order).map_err(|e| Problem::internal(&e))?;
     let mut tx = state.pool.begin().await?;
     if let Some(key) = &key {

@@ -23,6 +23,7 @@ pub struct OrderEvent {
 
 impl InboxHandler for OrderEvents {
     type Event = OrderEvent;
+    type Output = ();
 
     fn decode(&self, message: &IncomingMessage) -> Result<OrderEvent, String> {
         let event = match Event::decode(&message.message_type, &message.payload)? {
@@ -39,12 +40,34 @@ impl InboxHandler for OrderEvents {
         Ok(OrderEvent { order_id, event })
     }
 
+    /// Every order's lock and every stock row first, in one order
+    /// ([`store::lock_all`]).
+    fn before<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [&'a OrderEvent],
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        let orders: Vec<Uuid> = events.iter().map(|e| e.order_id).collect();
+        let reserving: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::OrderPlaced(placed) => Some(placed.items.iter().map(|i| i.sku.as_str())),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        Box::pin(async move {
+            store::lock_all(tx, &orders, &reserving).await?;
+            Ok(())
+        })
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a mut PgConnection,
         message: &'a IncomingMessage,
         event: &'a OrderEvent,
-    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+    ) -> BoxFuture<'a, Result<Self::Output, ApplyError>> {
         let OrderEvent { order_id, event } = event;
         let span = tracing::info_span!("apply order event", shop.order_id = %order_id, shop.event = event.routing_key());
         Box::pin(

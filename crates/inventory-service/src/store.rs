@@ -219,6 +219,45 @@ pub async fn reserve(
     }
 }
 
+/// Takes every lock that applying events for `orders` needs, in the one order
+/// every transaction takes them: the orders' advisory locks ([`lock_order`]) by
+/// key, then the stock rows of `reserving` and of what the orders hold
+/// reserved ([`lock_stock`]). A transaction applying several messages (a batch)
+/// would otherwise lock order by order and deadlock with another batch that
+/// meets the same rows the other way round.
+pub async fn lock_all(
+    tx: &mut PgConnection,
+    orders: &[Uuid],
+    reserving: &[&str],
+) -> Result<(), sqlx::Error> {
+    // Volatile functions in the select list run after ORDER BY.
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(key) FROM (
+             SELECT DISTINCT hashtextextended(id::text, 42) AS key
+             FROM unnest($1::uuid[]) AS ids(id)
+         ) AS keys ORDER BY key",
+    )
+    .bind(orders)
+    .execute(&mut *tx)
+    .await?;
+    let reserved: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT item->>'sku' FROM reservations, jsonb_array_elements(items) AS item
+         WHERE order_id = ANY($1) AND state = 'reserved' AND item->>'sku' IS NOT NULL",
+    )
+    .bind(orders)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut skus: Vec<&str> = reserving
+        .iter()
+        .copied()
+        .chain(reserved.iter().map(String::as_str))
+        .collect();
+    skus.sort_unstable();
+    skus.dedup();
+    lock_stock(tx, &skus).await?;
+    Ok(())
+}
+
 /// Serializes everything inventory does for one order until the transaction
 /// ends. Without it a reservation and a cancellation handled at the same moment
 /// could both find no row, and the later insert would lose the earlier's effect.

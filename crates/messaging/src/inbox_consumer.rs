@@ -12,7 +12,14 @@
 //!
 //! A batch is one transaction and one commit for all its messages. If any of
 //! them fails, nothing of the batch persists and each message runs again in its
-//! own transaction, so only the one at fault is retried or dead-lettered.
+//! own transaction, so only the one at fault is retried or dead-lettered; when
+//! the database is unavailable they all answer [`Outcome::Unavailable`] at once
+//! (the consumer pauses), without trying each.
+//!
+//! Every transaction first calls [`InboxHandler::before`] with all the events
+//! it will apply, so a handler whose messages lock shared rows can take every
+//! lock of the batch in one global order: two batches in flight then wait for
+//! each other instead of deadlocking.
 
 use std::{future::Future, sync::Arc};
 
@@ -39,9 +46,23 @@ pub enum ApplyError {
 pub trait InboxHandler: Send + Sync + 'static {
     /// A decoded message.
     type Event: Send + Sync + 'static;
+    /// What applying a message did, for [`InboxHandler::after`].
+    type Output: Send + 'static;
 
     /// Decodes a message; `Err(reason)` dead-letters it as rejected.
     fn decode(&self, message: &IncomingMessage) -> Result<Self::Event, String>;
+
+    /// Runs first in each transaction, with every event it is about to apply
+    /// (those not processed before): the place to lock, in one global order,
+    /// the rows they all need. The default does nothing.
+    fn before<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [&'a Self::Event],
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        let _ = (tx, events);
+        Box::pin(async { Ok(()) })
+    }
 
     /// Applies the message inside the inbox transaction; runs once per message
     /// id unless it fails. Its writes (state, history, outbox rows) commit with
@@ -51,16 +72,17 @@ pub trait InboxHandler: Send + Sync + 'static {
         tx: &'a mut PgConnection,
         message: &'a IncomingMessage,
         event: &'a Self::Event,
-    ) -> BoxFuture<'a, Result<(), ApplyError>>;
+    ) -> BoxFuture<'a, Result<Self::Output, ApplyError>>;
 
-    /// Runs after the transaction committed, and also when the inbox found the
-    /// message processed before (`applied` false): the place for work outside
-    /// the database that a redelivery must try again. The default acks.
+    /// Runs after the transaction committed with what `apply` gave, and also
+    /// when the inbox found the message processed before (`None`): the place
+    /// for work outside the database that a redelivery must try again. The
+    /// default acks.
     fn after(
         &self,
         message: &IncomingMessage,
         event: &Self::Event,
-        applied: bool,
+        applied: Option<Self::Output>,
     ) -> impl Future<Output = Outcome> + Send {
         let _ = (message, event, applied);
         async { Outcome::Ack }
@@ -101,35 +123,48 @@ impl<H: InboxHandler> InboxConsumer<H> {
             .process(&message.message_id, move |tx| {
                 Box::pin(async move {
                     let (message, event) = &shared[index];
+                    handler.before(tx, &[event]).await?;
                     handler.apply(tx, message, event).await
                 })
             })
             .await;
         match processed {
-            Ok(Processed::Done(())) => self.handler.after(message, event, true).await,
-            Ok(Processed::Duplicate) => self.handler.after(message, event, false).await,
+            Ok(Processed::Done(output)) => self.handler.after(message, event, Some(output)).await,
+            Ok(Processed::Duplicate) => self.handler.after(message, event, None).await,
             Err(ApplyError::Database(error)) => Outcome::database(&error),
             Err(ApplyError::Permanent(reason)) => Outcome::Reject(reason),
         }
     }
 
-    /// Runs every message of `items` in one transaction; which ones were applied.
-    async fn together(&self, items: &Items<H::Event>) -> Result<Vec<bool>, ApplyError> {
+    /// Runs every message of `items` in one transaction; what each applied
+    /// (`None` for one processed before).
+    async fn together(
+        &self,
+        items: &Items<H::Event>,
+    ) -> Result<Vec<Option<H::Output>>, ApplyError> {
         let handler = self.handler.clone();
         let shared = items.clone();
         let ids: Vec<&str> = items.iter().map(|(m, _)| m.message_id.as_str()).collect();
         self.inbox
             .process_batch(&ids, move |tx, fresh| {
                 Box::pin(async move {
+                    let events: Vec<&H::Event> = shared
+                        .iter()
+                        .zip(&fresh)
+                        .filter(|(_, fresh)| **fresh)
+                        .map(|((_, event), _)| event)
+                        .collect();
+                    handler.before(tx, &events).await?;
+                    let mut outputs = Vec::with_capacity(shared.len());
                     for ((message, event), fresh) in shared.iter().zip(&fresh) {
-                        if *fresh {
-                            handler
-                                .apply(tx, message, event)
-                                .instrument(message.span.clone())
-                                .await?;
-                        }
+                        outputs.push(if *fresh {
+                            let apply = handler.apply(tx, message, event);
+                            Some(apply.instrument(message.span.clone()).await?)
+                        } else {
+                            None
+                        });
                     }
-                    Ok(fresh)
+                    Ok(outputs)
                 })
             })
             .await
@@ -161,11 +196,20 @@ impl<H: InboxHandler> Handler for InboxConsumer<H> {
         }
         let items = Arc::new(decoded);
         match self.together(&items).await {
-            Ok(applied) => {
-                for ((place, (message, event)), applied) in places.iter().zip(&*items).zip(applied)
-                {
-                    let after = self.handler.after(message, event, applied);
-                    outcomes[*place] = Some(after.instrument(message.span.clone()).await);
+            Ok(outputs) => {
+                let afters = items.iter().zip(outputs).map(|((message, event), output)| {
+                    let span = message.span.clone();
+                    self.handler.after(message, event, output).instrument(span)
+                });
+                let answers = futures_util::future::join_all(afters).await;
+                for (place, outcome) in places.iter().zip(answers) {
+                    outcomes[*place] = Some(outcome);
+                }
+            }
+            Err(ApplyError::Database(error)) if crate::availability::is_unavailable(&error) => {
+                let outcome = Outcome::database(&error);
+                for place in &places {
+                    outcomes[*place] = Some(outcome.clone());
                 }
             }
             Err(error) => {

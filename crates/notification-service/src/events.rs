@@ -70,6 +70,9 @@ pub struct OrderEvent {
 
 impl InboxHandler for OrderEvents {
     type Event = OrderEvent;
+    /// Whether a notification row was recorded (none when one exists for the
+    /// order and event already).
+    type Output = bool;
 
     fn decode(&self, message: &IncomingMessage) -> Result<OrderEvent, String> {
         let event = match Event::decode(&message.message_type, &message.payload)? {
@@ -95,7 +98,7 @@ impl InboxHandler for OrderEvents {
         tx: &'a mut PgConnection,
         message: &'a IncomingMessage,
         event: &'a OrderEvent,
-    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+    ) -> BoxFuture<'a, Result<bool, ApplyError>> {
         let OrderEvent { order_id, event } = event;
         let name = event.routing_key();
         let channel = if self.webhook.is_some() {
@@ -118,13 +121,7 @@ impl InboxHandler for OrderEvents {
             delivered: channel == "log",
         };
         let span = tracing::info_span!("notify", shop.order_id = %order_id, shop.event = name);
-        Box::pin(
-            async move {
-                store::record(tx, new).await?;
-                Ok(())
-            }
-            .instrument(span),
-        )
+        Box::pin(async move { Ok(store::record(tx, new).await?) }.instrument(span))
     }
 
     /// Logs a notification recorded now, and delivers the webhook one that is
@@ -133,11 +130,11 @@ impl InboxHandler for OrderEvents {
         &self,
         _message: &IncomingMessage,
         event: &OrderEvent,
-        applied: bool,
+        recorded: Option<bool>,
     ) -> Outcome {
         let OrderEvent { order_id, event } = event;
         let name = event.routing_key();
-        if applied {
+        if recorded == Some(true) {
             tracing::info!(order_id = %order_id, event = name, "notification: {}", summary(event));
         }
         let Some(webhook) = &self.webhook else {

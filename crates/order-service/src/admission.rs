@@ -2,64 +2,49 @@
 //! completes them, the excess is answered `429` with `Retry-After` at once,
 //! instead of being accepted into a backlog whose wait grows without bound.
 //!
-//! The signal is measured, not guessed: a sampler reads, every
-//! [`SAMPLE_EVERY`], how many orders created in the last [`RECENT`] are still
-//! pending and how long the median one has waited. Orders are shed while
+//! The signal is measured where the saga ends: each time this replica moves an
+//! order out of `pending`, the database says how long ago it was placed. Orders
+//! are shed while, over the last [`WINDOW`],
 //!
 //! ```text
-//!   pending ≥ ADMISSION_MIN_PENDING  and  median wait ≥ ADMISSION_TARGET  and  the saga is moving
+//!   at least MIN_COMPLETED orders completed  and  their median wait ≥ ADMISSION_TARGET
 //! ```
 //!
-//! - The median of a queue served in order is half its head's wait, so the
-//!   accepted orders wait about twice the target at most.
-//! - The floor keeps a few stuck orders (a parked event, a locked row) from ever
-//!   closing intake; orders older than [`RECENT`] are left to the alerts on
-//!   `orders_oldest_pending_seconds`.
-//! - "Moving" means this replica applied an inventory result within
-//!   [`MOVING_WITHIN`]. While the broker or inventory is away nothing completes,
-//!   and the outbox is there to hold orders until it comes back: an outage is not
-//!   an overload, and intake stays open.
+//! - A queue served in order shows its wait in the orders leaving it. The
+//!   completions lag the queue by that wait, so under twice the sustainable
+//!   rate the queue reaches about twice the target before shedding starts,
+//!   and accepted orders wait about that much at most.
+//! - While nothing completes (the broker or inventory away) there is no signal
+//!   and intake stays open: the outbox holds orders until the outage ends. An
+//!   outage is not an overload.
+//! - The backlog an outage leaves behind does show: while it drains, new orders
+//!   are refused rather than queued behind it.
+//! - Stuck orders (a parked event, a locked row) do not complete, so they never
+//!   close intake; `orders_oldest_pending_seconds` alerts on them.
+//! - Replicas share the completions (competing consumers), so each sees the same
+//!   wait and decides alike.
 //!
-//! Deciding reads one atomic: a shed order costs no database work.
+//! Deciding reads one atomic: a refused order costs no database work.
 
 use std::{
+    collections::VecDeque,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// How often the pending orders are read.
+/// How often the decision is taken again.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
-/// Orders pending longer are stuck, not queued: the signal leaves them out.
-pub const RECENT: Duration = Duration::from_secs(30);
-/// The saga counts as moving while results were applied this recently.
-pub const MOVING_WITHIN: Duration = Duration::from_secs(2);
+/// The completions a decision looks at.
+pub const WINDOW: Duration = Duration::from_secs(1);
+/// Fewer completions in the window say nothing about a queue.
+pub const MIN_COMPLETED: usize = 8;
 
-/// `ADMISSION_TARGET` and `ADMISSION_MIN_PENDING`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Median wait of the recent pending orders above which orders are shed;
-    /// `None` never sheds.
-    pub target: Option<Duration>,
-    /// Fewer recent pending orders than this never shed.
-    pub min_pending: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            target: Some(Duration::from_millis(500)),
-            min_pending: 64,
-        }
-    }
-}
-
-/// Shared by the sampler, the consumer (progress) and the HTTP handler.
+/// Shared by the decision task, the consumer (completions) and the HTTP handler.
 #[derive(Clone, Debug)]
 pub struct Admission {
     inner: Arc<Inner>,
@@ -67,17 +52,17 @@ pub struct Admission {
 
 #[derive(Debug)]
 struct Inner {
-    limits: Limits,
-    started: Instant,
-    /// Milliseconds since `started` of the last applied inventory result.
-    progressed_at: AtomicU64,
-    /// Median wait of the recent pending orders, ms, when shedding.
-    shedding_wait_ms: AtomicU64,
+    /// `ADMISSION_TARGET`: `None` never sheds.
+    target: Option<Duration>,
+    /// When each recent completion happened and how long its order waited.
+    completed: Mutex<VecDeque<(Instant, Duration)>>,
+    /// The median wait of the window, ms, while shedding.
+    wait_ms: AtomicU64,
     shedding: AtomicBool,
     shed: AtomicU64,
 }
 
-/// Why an order is refused now.
+/// An order refused now.
 #[derive(Clone, Copy, Debug)]
 pub struct Shed {
     /// Whole seconds for `Retry-After` (at least 1).
@@ -85,24 +70,27 @@ pub struct Shed {
 }
 
 impl Admission {
-    pub fn new(limits: Limits) -> Self {
+    pub fn new(target: Option<Duration>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                limits,
-                started: Instant::now(),
-                progressed_at: AtomicU64::new(u64::MAX),
-                shedding_wait_ms: AtomicU64::new(0),
+                target,
+                completed: Mutex::new(VecDeque::new()),
+                wait_ms: AtomicU64::new(0),
                 shedding: AtomicBool::new(false),
                 shed: AtomicU64::new(0),
             }),
         }
     }
 
-    /// An order's saga moved on (an inventory result was applied).
-    pub fn progressed(&self) {
-        self.inner
-            .progressed_at
-            .store(self.now_ms(), Ordering::Relaxed);
+    /// An order left `pending` after waiting `waited` since it was placed.
+    pub fn completed(&self, waited: Duration) {
+        if self.inner.target.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let mut completed = self.window();
+        completed.push_back((now, waited));
+        forget_before(&mut completed, now);
     }
 
     /// `Err` when an order arriving now is to be refused.
@@ -111,7 +99,7 @@ impl Admission {
             return Ok(());
         }
         self.inner.shed.fetch_add(1, Ordering::Relaxed);
-        let wait_ms = self.inner.shedding_wait_ms.load(Ordering::Relaxed);
+        let wait_ms = self.inner.wait_ms.load(Ordering::Relaxed);
         Err(Shed {
             retry_after: wait_ms.div_ceil(1000).max(1),
         })
@@ -126,47 +114,58 @@ impl Admission {
         self.inner.shedding.load(Ordering::Relaxed)
     }
 
-    /// Applies one sample of the recent pending orders.
-    pub fn observe(&self, pending: i64, median_wait: Duration) {
-        let limits = self.inner.limits;
-        let moving = match self.inner.progressed_at.load(Ordering::Relaxed) {
-            u64::MAX => false,
-            at => self.now_ms().saturating_sub(at) <= duration_ms(MOVING_WITHIN),
+    /// Takes the decision from the completions of the last [`WINDOW`].
+    pub fn decide(&self) {
+        let Some(target) = self.inner.target else {
+            return;
         };
-        let shed = limits.target.is_some_and(|target| {
-            moving && pending >= i64::from(limits.min_pending) && median_wait >= target
-        });
-        self.inner
-            .shedding_wait_ms
-            .store(duration_ms(median_wait), Ordering::Relaxed);
-        let was = self.inner.shedding.swap(shed, Ordering::Relaxed);
-        if shed != was {
-            if shed {
-                tracing::warn!(
-                    pending,
-                    ?median_wait,
-                    "orders arrive faster than they complete; answering new ones 429 until the wait comes down"
-                );
+        let (count, median) = {
+            let mut completed = self.window();
+            forget_before(&mut completed, Instant::now());
+            let mut waits: Vec<Duration> = completed.iter().map(|(_, w)| *w).collect();
+            let count = waits.len();
+            let middle = count / 2;
+            let median = if count == 0 {
+                Duration::ZERO
             } else {
-                tracing::info!(pending, ?median_wait, "order intake open again");
+                *waits.select_nth_unstable(middle).1
+            };
+            (count, median)
+        };
+        let shed = count >= MIN_COMPLETED && median >= target;
+        self.inner.wait_ms.store(
+            u64::try_from(median.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        if shed != self.inner.shedding.swap(shed, Ordering::Relaxed) {
+            if shed {
+                tracing::warn!(completed = count, median_wait = ?median, "orders wait longer than ADMISSION_TARGET; answering new ones 429 until the wait comes down");
+            } else {
+                tracing::info!(completed = count, median_wait = ?median, "order intake open again");
             }
         }
     }
 
-    fn now_ms(&self) -> u64 {
-        duration_ms(self.inner.started.elapsed())
+    fn window(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Duration)>> {
+        self.inner
+            .completed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+fn forget_before(completed: &mut VecDeque<(Instant, Duration)>, now: Instant) {
+    while completed
+        .front()
+        .is_some_and(|(at, _)| now.duration_since(*at) > WINDOW)
+    {
+        completed.pop_front();
+    }
 }
 
-/// Samples the pending orders every [`SAMPLE_EVERY`] until `shutdown`. While
-/// the database does not answer, the last decision stands until a sample
-/// succeeds (order intake needs the database anyway).
-pub async fn sample(admission: Admission, pool: PgPool, shutdown: CancellationToken) {
-    if admission.inner.limits.target.is_none() {
+/// Takes the decision every [`SAMPLE_EVERY`] until `shutdown`.
+pub async fn run(admission: Admission, shutdown: CancellationToken) {
+    if admission.inner.target.is_none() {
         return;
     }
     loop {
@@ -174,14 +173,7 @@ pub async fn sample(admission: Admission, pool: PgPool, shutdown: CancellationTo
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(SAMPLE_EVERY) => {}
         }
-        let sample = tokio::select! {
-            () = shutdown.cancelled() => return,
-            sample = crate::store::recent_pending(&pool, RECENT) => sample,
-        };
-        match sample {
-            Ok((pending, median_wait)) => admission.observe(pending, median_wait),
-            Err(error) => tracing::debug!(%error, "admission sample failed"),
-        }
+        admission.decide();
     }
 }
 
@@ -191,40 +183,48 @@ mod tests {
 
     const TARGET: Duration = Duration::from_millis(500);
 
-    #[test]
-    fn sheds_only_a_long_queue_that_is_moving() {
-        let admission = Admission::new(Limits::default());
-        // Not moving (nothing completed yet): an outage, intake stays open.
-        admission.observe(5_000, Duration::from_secs(20));
-        assert!(admission.admit().is_ok());
+    fn complete(admission: &Admission, count: usize, waited: Duration) {
+        for _ in 0..count {
+            admission.completed(waited);
+        }
+    }
 
-        admission.progressed();
-        admission.observe(5_000, Duration::from_millis(1_500));
-        let shed = admission.admit().expect_err("a long, moving queue sheds");
+    #[test]
+    fn sheds_while_the_orders_completing_now_waited_longer_than_the_target() {
+        let admission = Admission::new(Some(TARGET));
+        complete(&admission, 20, Duration::from_millis(1_500));
+        admission.decide();
+        let shed = admission.admit().expect_err("a long wait sheds");
         assert_eq!(shed.retry_after, 2);
         assert_eq!(admission.shed_total(), 1);
 
-        // A few stuck orders: under the floor.
-        admission.observe(63, Duration::from_secs(20));
+        // Most orders now complete quickly: the median is under the target.
+        complete(&admission, 21, Duration::from_millis(20));
+        admission.decide();
         assert!(admission.admit().is_ok());
-        // A short wait: under the target.
-        admission.observe(5_000, TARGET - Duration::from_millis(1));
-        assert!(admission.admit().is_ok());
-        admission.observe(64, TARGET);
-        assert_eq!(
-            admission.admit().expect_err("at both limits").retry_after,
-            1
+    }
+
+    #[test]
+    fn too_few_completions_or_none_never_shed() {
+        let admission = Admission::new(Some(TARGET));
+        admission.decide();
+        assert!(admission.admit().is_ok(), "nothing completes: an outage");
+        complete(&admission, MIN_COMPLETED - 1, Duration::from_secs(60));
+        admission.decide();
+        assert!(
+            admission.admit().is_ok(),
+            "a few stuck orders completing late"
         );
+        complete(&admission, 1, Duration::from_secs(60));
+        admission.decide();
+        assert!(admission.admit().is_err());
     }
 
     #[test]
     fn no_target_never_sheds() {
-        let admission = Admission::new(Limits {
-            target: None,
-            min_pending: 0,
-        });
-        admission.progressed();
-        admission.observe(1_000_000, Duration::from_secs(3600));
+        let admission = Admission::new(None);
+        complete(&admission, 1_000, Duration::from_secs(3600));
+        admission.decide();
         assert!(admission.admit().is_ok());
     }
 }

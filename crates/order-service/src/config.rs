@@ -6,11 +6,7 @@ use service_kit::config::{self, Common, ConfigError, Env};
 
 /// The variables this service reads besides the common ones; deployment files are
 /// checked against [`variables`] (with [`service_kit::config::PLATFORM_VARIABLES`]).
-pub const OWN_VARIABLES: &[&str] = &[
-    "IDEMPOTENCY_RETENTION_HOURS",
-    "ADMISSION_TARGET",
-    "ADMISSION_MIN_PENDING",
-];
+pub const OWN_VARIABLES: &[&str] = &["IDEMPOTENCY_RETENTION_HOURS", "ADMISSION_TARGET"];
 
 /// Every variable `Config::from_env` reads.
 pub fn variables() -> Vec<&'static str> {
@@ -26,8 +22,9 @@ pub struct Config {
     pub common: Common,
     /// How long Idempotency-Keys are remembered (at least 24 h).
     pub idempotency_retention: Duration,
-    /// When `POST /orders` answers 429 (`ADMISSION_TARGET`, `ADMISSION_MIN_PENDING`).
-    pub admission: crate::admission::Limits,
+    /// Median wait of completing orders above which `POST /orders` answers
+    /// 429 (`ADMISSION_TARGET`); `None` never does.
+    pub admission_target: Option<Duration>,
 }
 
 impl Config {
@@ -40,9 +37,8 @@ impl Config {
                 reason: format!("{hours} (keys are kept at least 24 hours)"),
             });
         }
-        let defaults = crate::admission::Limits::default();
         let target = match config::optional(env, "ADMISSION_TARGET").as_deref() {
-            None => defaults.target,
+            None => Some(Duration::from_millis(500)),
             Some("off") => None,
             Some(raw) => {
                 Some(
@@ -56,10 +52,7 @@ impl Config {
         Ok(Self {
             common,
             idempotency_retention: Duration::from_secs(hours * 3600),
-            admission: crate::admission::Limits {
-                target,
-                min_pending: config::parsed(env, "ADMISSION_MIN_PENDING", defaults.min_pending)?,
-            },
+            admission_target: target,
         })
     }
 }

@@ -13,7 +13,7 @@ use crate::store::{self, Applied};
 
 #[derive(Debug)]
 pub struct InventoryEvents {
-    /// Told when a result was applied: the saga is moving.
+    /// Told how long each order this consumer completes waited.
     pub admission: crate::admission::Admission,
 }
 
@@ -26,6 +26,8 @@ pub struct InventoryEvent {
 
 impl InboxHandler for InventoryEvents {
     type Event = InventoryEvent;
+    /// How long the order waited, when this result completed it.
+    type Output = Option<std::time::Duration>;
 
     fn decode(&self, message: &IncomingMessage) -> Result<InventoryEvent, String> {
         let event = match Event::decode(&message.message_type, &message.payload)? {
@@ -49,7 +51,7 @@ impl InboxHandler for InventoryEvents {
         tx: &'a mut PgConnection,
         message: &'a IncomingMessage,
         event: &'a InventoryEvent,
-    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+    ) -> BoxFuture<'a, Result<Self::Output, ApplyError>> {
         let InventoryEvent { order_id, event } = event;
         let order_id = *order_id;
         let span = tracing::info_span!("apply inventory result", shop.order_id = %order_id, shop.event = event.routing_key());
@@ -67,7 +69,10 @@ impl InboxHandler for InventoryEvents {
                     return Err(ApplyError::Permanent(format!("unknown order {order_id}")));
                 }
                 tracing::info!(?applied, "inventory result applied");
-                Ok(())
+                Ok(match applied {
+                    Applied::Moved(_, waited) => Some(waited),
+                    _ => None,
+                })
             }
             .instrument(span),
         )
@@ -77,10 +82,10 @@ impl InboxHandler for InventoryEvents {
         &self,
         _message: &IncomingMessage,
         _event: &InventoryEvent,
-        applied: bool,
+        applied: Option<Self::Output>,
     ) -> Outcome {
-        if applied {
-            self.admission.progressed();
+        if let Some(Some(waited)) = applied {
+            self.admission.completed(waited);
         }
         Outcome::Ack
     }

@@ -48,16 +48,12 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         migrations: MIGRATIONS,
     };
     let mut platform = Platform::start(spec, shutdown.clone()).await?;
-    let admission = admission::Admission::new(config.admission);
+    let admission = admission::Admission::new(config.admission_target);
     platform.consume_inbox(events::InventoryEvents {
         admission: admission.clone(),
     });
     gauges::start(&mut platform, &admission);
-    platform.spawn(admission::sample(
-        admission.clone(),
-        platform.pool.clone(),
-        shutdown.clone(),
-    ));
+    platform.spawn(admission::run(admission.clone(), shutdown.clone()));
     let pool = platform.pool.clone();
     let retention = config.idempotency_retention;
     platform.spawn(async move {

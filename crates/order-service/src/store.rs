@@ -237,25 +237,30 @@ pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<Cancel, sqlx::Error> {
 /// What an inventory result did to the order.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Applied {
-    Moved(Status),
+    /// Left `pending`, this long after the order was placed (by the
+    /// database's clock, which also stamped `created_at`).
+    Moved(Status, std::time::Duration),
     /// The order had already left `pending` (cancelled, or a repeat).
     Unchanged,
     UnknownOrder,
 }
 
+fn seconds(value: f64) -> std::time::Duration {
+    std::time::Duration::try_from_secs_f64(value.max(0.0)).unwrap_or_default()
+}
+
 /// `pending → confirmed`, with `OrderConfirmed`.
 pub async fn confirm(tx: &mut PgConnection, id: Uuid) -> Result<Applied, sqlx::Error> {
-    let moved = sqlx::query(
-        "UPDATE orders SET status = 'confirmed', updated_at = now() WHERE id = $1 AND status = 'pending'",
+    let moved: Option<f64> = sqlx::query_scalar(
+        "UPDATE orders SET status = 'confirmed', updated_at = now() WHERE id = $1 AND status = 'pending'
+         RETURNING EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8",
     )
     .bind(id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !moved {
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(waited) = moved else {
         return unchanged(tx, id).await;
-    }
+    };
     let event = OrderConfirmed {
         order_id: id.to_string(),
         confirmed_at: now(),
@@ -266,7 +271,7 @@ pub async fn confirm(tx: &mut PgConnection, id: Uuid) -> Result<Applied, sqlx::E
         outgoing(keys::ORDER_CONFIRMED, &event, &event.order_id),
     )
     .await?;
-    Ok(Applied::Moved(Status::Confirmed))
+    Ok(Applied::Moved(Status::Confirmed, seconds(waited)))
 }
 
 /// `pending → rejected` with the shortages, and `OrderRejected`.
@@ -284,20 +289,19 @@ pub async fn reject(
             })
         })
         .collect();
-    let moved = sqlx::query(
+    let moved: Option<f64> = sqlx::query_scalar(
         "UPDATE orders SET status = 'rejected', reason = $2, shortages = $3, updated_at = now()
-         WHERE id = $1 AND status = 'pending'",
+         WHERE id = $1 AND status = 'pending'
+         RETURNING EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8",
     )
     .bind(id)
     .bind(&reason)
     .bind(serde_json::Value::Array(json))
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !moved {
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(waited) = moved else {
         return unchanged(tx, id).await;
-    }
+    };
     let event = OrderRejected {
         order_id: id.to_string(),
         reason,
@@ -310,7 +314,7 @@ pub async fn reject(
         outgoing(keys::ORDER_REJECTED, &event, &event.order_id),
     )
     .await?;
-    Ok(Applied::Moved(Status::Rejected))
+    Ok(Applied::Moved(Status::Rejected, seconds(waited)))
 }
 
 async fn unchanged(tx: &mut PgConnection, id: Uuid) -> Result<Applied, sqlx::Error> {
@@ -363,30 +367,6 @@ pub async fn forget_idempotency_keys(
 
 /// The orders still `pending`: how many, and the age of the oldest in seconds
 /// (0 when there is none).
-/// How many orders created within `recent` are still pending, and how long
-/// the median one of them has waited (zero when none): the queue of the saga,
-/// read through the `(status, created_at)` index.
-pub async fn recent_pending(
-    pool: &PgPool,
-    recent: std::time::Duration,
-) -> Result<(i64, std::time::Duration), sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT count(*) AS pending,
-                COALESCE(EXTRACT(EPOCH FROM now() - percentile_disc(0.5)
-                    WITHIN GROUP (ORDER BY created_at)), 0)::float8 AS median_wait
-         FROM orders
-         WHERE status = 'pending' AND created_at > now() - make_interval(secs => $1)",
-    )
-    .bind(recent.as_secs_f64())
-    .fetch_one(pool)
-    .await?;
-    let wait: f64 = row.try_get("median_wait")?;
-    Ok((
-        row.try_get("pending")?,
-        std::time::Duration::try_from_secs_f64(wait.max(0.0)).unwrap_or_default(),
-    ))
-}
-
 pub async fn pending_summary(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
     let row = sqlx::query(
         "SELECT count(*) AS pending,

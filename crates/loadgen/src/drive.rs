@@ -1,22 +1,30 @@
-//! Drives `POST /orders` and observes completion on the fanout exchange.
+//! Drives `POST /orders`, closed or open loop, and waits for the orders to
+//! complete (see `observe`).
 //!
-//! Completion is seen the way any other consumer would see it: a private
-//! auto-delete queue bound to `shop.notifications` receives every order event; an
-//! `order.confirmed` or `order.rejected` whose correlation id is a placed order
-//! completes it. An event may arrive before the 202 does, so early events wait.
+//! Closed loop: `concurrency` clients, each sending its next order when the last
+//! one is answered. Open loop (`rate`): one order every `1 / rate` seconds,
+//! whether or not earlier ones were answered, so a slow service meets the same
+//! offered load instead of a politely waiting client. A 429 is counted apart
+//! from failures and never retried.
 
 use std::{
-    collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cpu::Probe,
+    observe::{Completions, Observer},
+    request::{Client, Orders},
+    window::Window,
+};
 
 /// How to drive: a count or a duration, at full concurrency or a fixed rate.
 #[derive(Clone, Debug)]
@@ -24,60 +32,56 @@ pub struct Plan {
     pub concurrency: usize,
     pub count: Option<usize>,
     pub duration: Option<Duration>,
-    /// Orders per second across all clients; `None` = as fast as they answer.
+    /// Orders per second, open loop; `None` = closed loop of `concurrency` clients.
     pub rate: Option<f64>,
+    /// Orders sent this long after the start are also reported on their own.
+    pub cold: Option<Duration>,
+    /// CPU of these processes, over the steady window after this warm-up and
+    /// over the whole run.
+    pub steady: Option<(Duration, Probe)>,
+    /// How long accepted orders may take to complete once the last is answered.
+    pub drain: Duration,
+    /// Open loop: requests in flight beyond which a due order is not sent.
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug)]
 pub struct Outcome {
+    pub sent: u64,
     pub accepted: u64,
+    /// Answered 429.
+    pub throttled: u64,
+    pub throttled_without_retry_after: u64,
+    /// Any other answer, or none.
     pub failed: u64,
-    pub completed: u64,
-    pub confirmed: u64,
+    /// Open loop: due orders not sent because `max_in_flight` were in flight.
+    pub skipped: u64,
+    /// Open loop: the scheduled span (sent + skipped orders at the rate); closed
+    /// loop: from the first request to the last one sent.
+    pub offering: Duration,
     /// From the first request to the last 202.
     pub accepting: Duration,
     /// From the first request to the last completion.
     pub completing: Duration,
-    /// Microseconds.
+    /// Microseconds, every answer but 429s.
     pub http: Histogram<u64>,
-    /// Microseconds, from sending the POST to seeing `order.confirmed`.
-    pub place_to_confirmed: Histogram<u64>,
+    /// Microseconds, the same for orders sent in the cold part.
+    pub cold_http: Histogram<u64>,
+    /// Microseconds, 429 answers.
+    pub throttled_latency: Histogram<u64>,
+    pub completions: Completions,
     pub backlog_peak: i64,
+    /// From the warm-up's end to the first client running out of orders.
+    pub steady: Option<Window>,
+    /// From before the first request to after the last completion: every order
+    /// counted was both placed and completed inside it.
+    pub whole: Option<Window>,
 }
 
-#[derive(Default)]
-struct Pending {
-    /// order id → when its POST was sent.
-    placed: HashMap<String, Instant>,
-    /// order id → (completion time, confirmed?) seen before the 202 arrived.
-    early: HashMap<String, (Instant, bool)>,
-}
-
-struct Shared {
-    pending: Mutex<Pending>,
-    latency: Mutex<Histogram<u64>>,
-    completed: AtomicU64,
-    confirmed: AtomicU64,
-    last_completion: Mutex<Option<Instant>>,
-}
-
-impl Shared {
-    fn complete(&self, sent: Instant, at: Instant, confirmed: bool) {
-        if confirmed {
-            let micros =
-                u64::try_from(at.saturating_duration_since(sent).as_micros()).unwrap_or(u64::MAX);
-            let _ = self
-                .latency
-                .lock()
-                .expect("histogram")
-                .record(micros.max(1));
-            self.confirmed.fetch_add(1, Ordering::Relaxed);
-        }
-        self.completed.fetch_add(1, Ordering::Relaxed);
-        let mut last = self.last_completion.lock().expect("last");
-        if last.is_none_or(|l| at > l) {
-            *last = Some(at);
-        }
+impl Outcome {
+    /// Accepted orders that did not complete within the drain deadline.
+    pub fn lost(&self) -> u64 {
+        self.accepted.saturating_sub(self.completions.completed)
     }
 }
 
@@ -88,87 +92,11 @@ pub async fn run(
     skus: &[String],
     plan: &Plan,
 ) -> Result<Outcome, Box<dyn std::error::Error>> {
-    let shared = Arc::new(Shared {
-        pending: Mutex::new(Pending::default()),
-        latency: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
-        completed: AtomicU64::new(0),
-        confirmed: AtomicU64::new(0),
-        last_completion: Mutex::new(None),
-    });
-
-    // The observer: a private queue on the fanout exchange.
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    let queue = format!("loadgen-{}", uuid::Uuid::new_v4().simple());
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            contracts::names::NOTIFICATIONS_EXCHANGE.into(),
-            "".into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await?;
-    let mut events = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "loadgen".into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await?;
-    let observer = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(delivery)) = events.next().await {
-                let confirmed = match delivery.routing_key.as_str() {
-                    "order.confirmed" => true,
-                    "order.rejected" => false,
-                    _ => continue,
-                };
-                let Some(id) = delivery
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .map(|c| c.to_string())
-                else {
-                    continue;
-                };
-                let now = Instant::now();
-                let sent = {
-                    let mut pending = shared.pending.lock().expect("pending");
-                    match pending.placed.remove(&id) {
-                        Some(sent) => Some(sent),
-                        None => {
-                            pending.early.insert(id, (now, confirmed));
-                            None
-                        }
-                    }
-                };
-                if let Some(sent) = sent {
-                    shared.complete(sent, now, confirmed);
-                }
-            }
-        })
-    };
+    let observer = Observer::start(amqp_url).await?;
 
     // The backlog sampler.
     let backlog_peak = Arc::new(AtomicU64::new(0));
-    let stop_sampling = tokio_util::sync::CancellationToken::new();
+    let stop_sampling = CancellationToken::new();
     let sampler = {
         let (http, url, peak, stop) = (
             http.clone(),
@@ -191,7 +119,6 @@ pub async fn run(
         })
     };
 
-    let total = plan.count.unwrap_or(usize::MAX);
     let progress = match (plan.count, plan.duration) {
         (Some(n), _) => ProgressBar::new(n as u64),
         (None, Some(d)) => ProgressBar::new(d.as_secs()),
@@ -202,85 +129,119 @@ pub async fn run(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
+    let orders = Orders {
+        http: http.clone(),
+        url: format!("{order_url}/orders"),
+        skus: skus.to_vec(),
+    };
+    let client = Arc::new(Client::new(
+        orders,
+        started,
+        observer,
+        plan.cold.map(|c| started + c),
+        progress.clone(),
+        plan.count.is_some(),
+    )?);
+    let whole_start = match &plan.steady {
+        Some((_, probe)) => client.mark(probe.clone()).await,
+        None => None,
+    };
+    // Tripped when the first client runs out of orders: the steady part ends.
+    let sending_done = CancellationToken::new();
+    let steady = plan.steady.clone().map(|(warm_up, probe)| {
+        let (client, done) = (client.clone(), sending_done.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(warm_up) => {}
+                () = done.cancelled() => return None,
+            }
+            let start = client.mark(probe.clone()).await?;
+            done.cancelled().await;
+            let end = client.mark(probe).await?;
+            Some(Window { start, end })
+        })
+    });
+
+    let offering = match plan.rate {
+        Some(rate) => open_loop(&client, plan, rate, &sending_done).await,
+        None => {
+            closed_loop(&client, plan, &sending_done).await?;
+            let last = *client.tally.last_sent.lock().expect("instant");
+            last.unwrap_or(started).saturating_duration_since(started)
+        }
+    };
+    let steady = match steady {
+        Some(task) => task.await?,
+        None => None,
+    };
+
+    let accepted = client.tally.accepted.load(Ordering::Relaxed);
+    progress.set_message("waiting for completions");
+    let wait_until = Instant::now() + plan.drain;
+    while client.observer.completed() < accepted && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let whole = match (&plan.steady, whole_start) {
+        (Some((_, probe)), Some(start)) => {
+            // The notification-service handles `order.confirmed` as loadgen sees
+            // it; let that last hop finish inside the window.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            client
+                .mark(probe.clone())
+                .await
+                .map(|end| Window { start, end })
+        }
+        _ => None,
+    };
+    progress.finish_and_clear();
+    stop_sampling.cancel();
+    let _ = sampler.await;
+
+    let client = Arc::into_inner(client).ok_or("a request outlived its run")?;
+    let t = client.tally;
+    let since_start =
+        |at: Option<Instant>| at.unwrap_or(started).saturating_duration_since(started);
+    let completions = client.observer.finish().await;
+    Ok(Outcome {
+        sent: t.sent.into_inner(),
+        accepted,
+        throttled: t.throttled.into_inner(),
+        throttled_without_retry_after: t.throttled_bare.into_inner(),
+        failed: t.failed.into_inner(),
+        skipped: t.skipped.into_inner(),
+        offering,
+        accepting: since_start(t.last_accept.into_inner().expect("instant")),
+        completing: since_start(completions.last),
+        http: t.http.into_inner().expect("histogram"),
+        cold_http: t.cold_http.into_inner().expect("histogram"),
+        throttled_latency: t.throttled_latency.into_inner().expect("histogram"),
+        completions,
+        backlog_peak: i64::try_from(backlog_peak.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+        steady,
+        whole,
+    })
+}
+
+/// `concurrency` clients, each sending its next order once the last is answered.
+async fn closed_loop(
+    client: &Arc<Client>,
+    plan: &Plan,
+    sending_done: &CancellationToken,
+) -> Result<(), tokio::task::JoinError> {
+    let total = plan.count.unwrap_or(usize::MAX);
+    let deadline = plan.duration.map(|d| client.started + d);
     let next = Arc::new(AtomicUsize::new(0));
-    let accepted = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let last_accept = Arc::new(Mutex::new(started));
-    let http_latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
-    let interval = plan
-        .rate
-        .map(|r| Duration::from_secs_f64(plan.concurrency as f64 / r.max(0.001)));
     let workers: Vec<_> = (0..plan.concurrency)
-        .map(|w| {
-            let (http, url, skus, shared) = (http.clone(), format!("{order_url}/orders"), skus.to_vec(), shared.clone());
-            let (next, accepted, failed, last_accept, http_latency, progress) =
-                (next.clone(), accepted.clone(), failed.clone(), last_accept.clone(), http_latency.clone(), progress.clone());
-            let deadline = plan.duration.map(|d| started + d);
-            let concurrency = plan.concurrency;
-            let count_mode = plan.count.is_some();
+        .map(|_| {
+            let (client, next, done) = (client.clone(), next.clone(), sending_done.clone());
             tokio::spawn(async move {
-                // Spread the clients evenly over one interval, so a fixed rate is a
-                // smooth stream rather than bursts of simultaneous requests.
-                let clients = concurrency as f64;
-                let mut ticker = interval.map(|i| {
-                    let offset = i.mul_f64(w as f64 / clients);
-                    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, i);
-                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    ticker
-                });
                 loop {
-                    if let Some(t) = ticker.as_mut() {
-                        t.tick().await;
-                    }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return;
-                    }
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= total {
+                    if i >= total || deadline.is_some_and(|d| Instant::now() >= d) {
+                        done.cancel();
                         return;
                     }
-                    let sku = &skus[rand::random_range(0..skus.len())];
-                    let body = serde_json::json!({"customer_id": format!("load-{i}"), "items": [{"sku": sku, "quantity": 1}]});
-                    let sent = Instant::now();
-                    let response = http.post(&url).json(&body).send().await;
-                    let elapsed = sent.elapsed();
-                    let id = match response {
-                        Ok(r) if r.status().as_u16() == 202 => r.json::<serde_json::Value>().await.ok().and_then(|v| v["id"].as_str().map(str::to_owned)),
-                        _ => None,
-                    };
-                    let _ = http_latency
-                        .lock()
-                        .expect("histogram")
-                        .record(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1));
-                    match id {
-                        Some(id) => {
-                            accepted.fetch_add(1, Ordering::Relaxed);
-                            *last_accept.lock().expect("last") = Instant::now();
-                            let early = {
-                                let mut pending = shared.pending.lock().expect("pending");
-                                match pending.early.remove(&id) {
-                                    Some(done) => Some(done),
-                                    None => {
-                                        pending.placed.insert(id, sent);
-                                        None
-                                    }
-                                }
-                            };
-                            if let Some((at, confirmed)) = early {
-                                shared.complete(sent, at, confirmed);
-                            }
-                        }
-                        None => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    if count_mode {
-                        progress.inc(1);
-                    } else {
-                        progress.set_position(started.elapsed().as_secs());
-                    }
+                    client.place(i).await;
                 }
             })
         })
@@ -288,38 +249,44 @@ pub async fn run(
     for worker in workers {
         worker.await?;
     }
-    let accepted = accepted.load(Ordering::Relaxed);
-    progress.set_message("waiting for completions");
-    let wait_until = Instant::now() + Duration::from_secs(120);
-    while shared.completed.load(Ordering::Relaxed) < accepted && Instant::now() < wait_until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    progress.finish_and_clear();
-    stop_sampling.cancel();
-    let _ = sampler.await;
-    observer.abort();
-    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
 
-    let last_completion = shared
-        .last_completion
-        .lock()
-        .expect("last")
-        .unwrap_or(started);
-    let accepting = last_accept
-        .lock()
-        .expect("last")
-        .saturating_duration_since(started);
-    let http = http_latency.lock().expect("histogram").clone();
-    let place_to_confirmed = shared.latency.lock().expect("histogram").clone();
-    Ok(Outcome {
-        accepted,
-        failed: failed.load(Ordering::Relaxed),
-        completed: shared.completed.load(Ordering::Relaxed),
-        confirmed: shared.confirmed.load(Ordering::Relaxed),
-        accepting,
-        completing: last_completion.saturating_duration_since(started),
-        http,
-        place_to_confirmed,
-        backlog_peak: i64::try_from(backlog_peak.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
-    })
+/// One order every `1 / rate` seconds on a fixed schedule, each in its own task.
+/// A schedule that fell behind (a starved CPU) catches up rather than dropping
+/// orders, so the offered count is the planned one. Returns the scheduled span.
+async fn open_loop(
+    client: &Arc<Client>,
+    plan: &Plan,
+    rate: f64,
+    sending_done: &CancellationToken,
+) -> Duration {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let total = plan.count.unwrap_or(usize::MAX);
+    let origin = tokio::time::Instant::from_std(client.started);
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut requests = tokio::task::JoinSet::new();
+    let mut slots = 0;
+    while slots < total {
+        let due = interval.mul_f64(slots as f64);
+        if plan.duration.is_some_and(|d| due >= d) {
+            break;
+        }
+        tokio::time::sleep_until(origin + due).await;
+        slots += 1;
+        while requests.try_join_next().is_some() {}
+        if in_flight.load(Ordering::Relaxed) >= plan.max_in_flight {
+            client.tally.skipped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let (client, in_flight) = (client.clone(), in_flight.clone());
+        requests.spawn(async move {
+            client.place(slots - 1).await;
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    sending_done.cancel();
+    while requests.join_next().await.is_some() {}
+    interval.mul_f64(slots as f64)
 }

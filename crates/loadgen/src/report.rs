@@ -1,4 +1,6 @@
-//! The report: JSON for machines, a markdown table for people.
+//! The report's JSON: one object per run, from its outcome.
+
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
@@ -22,111 +24,48 @@ pub fn latency(h: &Histogram<u64>) -> Value {
     })
 }
 
+fn per_sec(n: u64, d: Duration) -> f64 {
+    if d.is_zero() {
+        0.0
+    } else {
+        n as f64 / d.as_secs_f64()
+    }
+}
+
 pub fn outcome(o: &Outcome) -> Value {
-    let per_sec = |n: u64, d: std::time::Duration| {
-        if d.is_zero() {
-            0.0
-        } else {
-            n as f64 / d.as_secs_f64()
-        }
-    };
+    let c = &o.completions;
     json!({
+        "sent": o.sent,
         "accepted": o.accepted,
+        "throttled": o.throttled,
+        "throttled_without_retry_after": o.throttled_without_retry_after,
         "failed": o.failed,
-        "completed": o.completed,
-        "confirmed": o.confirmed,
+        "skipped_at_in_flight_cap": o.skipped,
+        "completed": c.completed,
+        "confirmed": c.confirmed,
+        "rejected": c.completed.saturating_sub(c.confirmed),
+        "lost": o.lost(),
+        "offering_s": o.offering.as_secs_f64(),
+        // Each count over the same span, the one the orders were offered in.
+        "offered_per_s": per_sec(o.sent, o.offering),
+        "accepted_per_offered_s": per_sec(o.accepted, o.offering),
+        "throttled_per_offered_s": per_sec(o.throttled, o.offering),
+        "failed_per_offered_s": per_sec(o.failed, o.offering),
         "accepted_per_s": per_sec(o.accepted, o.accepting),
-        "completed_per_s": per_sec(o.completed, o.completing),
+        "completed_per_s": per_sec(c.completed, o.completing),
         "http": latency(&o.http),
-        "place_to_confirmed": latency(&o.place_to_confirmed),
+        "throttled_latency": latency(&o.throttled_latency),
+        "place_to_confirmed": latency(&c.place_to_confirmed),
+        "place_to_terminal": latency(&c.place_to_terminal),
         "outbox_backlog_peak": o.backlog_peak,
     })
 }
 
-pub fn markdown(report: &Value) -> String {
-    let f = |v: &Value| {
-        v.as_f64()
-            .map_or_else(|| v.to_string(), |x| format!("{x:.1}"))
-    };
-    let r = report;
-    let mut out = String::new();
-    out.push_str("| measure | value |\n|---|---|\n");
-    let mut row = |k: &str, v: String| out.push_str(&format!("| {k} | {v} |\n"));
-    row("concurrency", r["concurrency"].to_string());
-    row(
-        "orders accepted / failed",
-        format!("{} / {}", r["load"]["accepted"], r["load"]["failed"]),
-    );
-    row("API accepted orders/s", f(&r["load"]["accepted_per_s"]));
-    row(
-        "completed orders/s (end to end)",
-        f(&r["load"]["completed_per_s"]),
-    );
-    for (name, key) in [
-        ("HTTP POST /orders", "http"),
-        ("place → confirmed", "place_to_confirmed"),
-    ] {
-        let h = &r["load"][key];
-        row(
-            &format!("{name} p50 / p95 / p99 / max (ms)"),
-            format!(
-                "{} / {} / {} / {}",
-                f(&h["p50_ms"]),
-                f(&h["p95_ms"]),
-                f(&h["p99_ms"]),
-                f(&h["max_ms"])
-            ),
-        );
-    }
-    row(
-        "outbox backlog peak",
-        r["load"]["outbox_backlog_peak"].to_string(),
-    );
-    row(
-        "database ceiling (order transaction/s)",
-        f(&r["ceilings"]["database_tx_per_s"]),
-    );
-    row(
-        "broker ceiling: confirmed publish msg/s",
-        f(&r["ceilings"]["publish_per_s"]),
-    );
-    row(
-        "broker ceiling: consume with ack msg/s",
-        f(&r["ceilings"]["consume_per_s"]),
-    );
-    row(
-        "relay (pre-filled outbox) msg/s",
-        f(&r["ceilings"]["relay_per_s"]),
-    );
-    row(
-        "API / database ceiling",
-        f2(&r["ratios"]["api_over_database"]),
-    );
-    row(
-        "relay / broker publish ceiling",
-        f2(&r["ratios"]["relay_over_publish"]),
-    );
-    row(
-        "end to end / smaller ceiling",
-        f2(&r["ratios"]["completed_over_smaller_ceiling"]),
-    );
-    if !r["half_rate"].is_null() {
-        let h = &r["half_rate"];
-        row("half-rate run: offered orders/s", f(&h["rate"]));
-        row(
-            "half-rate place → confirmed p50 / p99 / max (ms)",
-            format!(
-                "{} / {} / {}",
-                f(&h["load"]["place_to_confirmed"]["p50_ms"]),
-                f(&h["load"]["place_to_confirmed"]["p99_ms"]),
-                f(&h["load"]["place_to_confirmed"]["max_ms"])
-            ),
-        );
-    }
-    out
-}
-
-fn f2(v: &Value) -> String {
-    v.as_f64()
-        .map_or_else(|| v.to_string(), |x| format!("{x:.2}"))
+/// The orders sent in the first `secs` of the run, on their own.
+pub fn cold(o: &Outcome, secs: u64) -> Value {
+    json!({
+        "secs": secs,
+        "http": latency(&o.cold_http),
+        "place_to_terminal": latency(&o.completions.cold_place_to_terminal),
+    })
 }

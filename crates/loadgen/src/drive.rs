@@ -222,7 +222,9 @@ pub async fn run(
     })
 }
 
-/// `concurrency` clients, each sending its next order once the last is answered.
+/// `concurrency` clients, each sending its next order once the last is
+/// accepted; a 429 makes the client wait its `Retry-After` and send the same
+/// order again, as a well-behaved client does.
 async fn closed_loop(
     client: &Arc<Client>,
     plan: &Plan,
@@ -241,7 +243,12 @@ async fn closed_loop(
                         done.cancel();
                         return;
                     }
-                    client.place(i).await;
+                    while let Some(wait) = client.place(i).await {
+                        tokio::select! {
+                            () = done.cancelled() => return,
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                    }
                 }
             })
         })

@@ -55,8 +55,8 @@ pub struct Client {
 enum Answer {
     /// 202, with the new order's id.
     Accepted(String),
-    /// 429: the service shedding load.
-    Throttled { retry_after: bool },
+    /// 429: the service shedding load; `Retry-After` in seconds, if given.
+    Throttled { retry_after: Option<u64> },
     /// Any other answer, a 202 without an id, or none at all.
     Failed,
 }
@@ -71,7 +71,11 @@ impl Answer {
                 .and_then(|v| v["id"].as_str().map(str::to_owned))
                 .map_or(Self::Failed, Self::Accepted),
             Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
-                let retry_after = r.headers().contains_key(RETRY_AFTER);
+                let retry_after = r
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse().ok());
                 // Read to the end so the connection is reused, not reopened.
                 let _ = r.bytes().await;
                 Self::Throttled { retry_after }
@@ -117,8 +121,9 @@ impl Client {
         })
     }
 
-    /// Sends order `i` and counts its answer.
-    pub async fn place(&self, i: usize) {
+    /// Sends order `i` and counts its answer; a 429 returns how long the
+    /// service asked to wait (1 s when it did not say).
+    pub async fn place(&self, i: usize) -> Option<std::time::Duration> {
         let sku = &self.orders.skus[rand::random_range(0..self.orders.skus.len())];
         let body = serde_json::json!({"customer_id": format!("load-{i}"), "items": [{"sku": sku, "quantity": 1}]});
         let sent = Instant::now();
@@ -137,6 +142,7 @@ impl Client {
             .max(1);
         let answer = Answer::of(response).await;
         let t = &self.tally;
+        let mut wait = None;
         match answer {
             Answer::Accepted(id) => {
                 self.record_http(micros, cold);
@@ -151,9 +157,10 @@ impl Client {
                     .expect("histogram")
                     .record(micros);
                 t.throttled.fetch_add(1, Ordering::Relaxed);
-                if !retry_after {
+                if retry_after.is_none() {
                     t.throttled_bare.fetch_add(1, Ordering::Relaxed);
                 }
+                wait = Some(std::time::Duration::from_secs(retry_after.unwrap_or(1)));
             }
             Answer::Failed => {
                 self.record_http(micros, cold);
@@ -165,6 +172,7 @@ impl Client {
         } else {
             self.progress.set_position(self.started.elapsed().as_secs());
         }
+        wait
     }
 
     /// HTTP latency of every answer but a 429, which has its own.
@@ -249,15 +257,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_429_is_throttled_not_failed_and_its_retry_after_is_noted() {
-        let with = reply("429 Too Many Requests", "retry-after: 1\r\n", "");
+        let with = reply("429 Too Many Requests", "retry-after: 2\r\n", "");
         let without = reply("429 Too Many Requests", "", "");
         assert_eq!(
             answer_to(with).await,
-            Answer::Throttled { retry_after: true }
+            Answer::Throttled {
+                retry_after: Some(2)
+            }
         );
         assert_eq!(
             answer_to(without).await,
-            Answer::Throttled { retry_after: false }
+            Answer::Throttled { retry_after: None }
         );
     }
 

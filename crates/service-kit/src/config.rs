@@ -283,6 +283,19 @@ impl Common {
                 reason: "0 (at least one attempt)".into(),
             });
         }
+        let concurrency = parsed(env, "CONSUMER_CONCURRENCY", 2usize)?;
+        let batch = parsed(env, "CONSUMER_BATCH", 32usize)?;
+        for (name, value) in [
+            ("CONSUMER_CONCURRENCY", concurrency),
+            ("CONSUMER_BATCH", batch),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    name,
+                    reason: "0 (at least 1)".into(),
+                });
+            }
+        }
         Ok(Self {
             database_url: Secret::new(database_url(env)?),
             amqp,
@@ -290,8 +303,11 @@ impl Common {
             log_format: log_format(env)?,
             retry: retry_policy(env)?,
             prefetch: parsed(env, "AMQP_PREFETCH", 64)?,
-            concurrency: parsed(env, "CONSUMER_CONCURRENCY", 16)?,
-            batch: parsed(env, "CONSUMER_BATCH", 32)?,
+            // Few slots, large batches: deliveries pile up while the slots are
+            // busy, and a batch costs one transaction (BENCHMARKS.md measures 1, 2,
+            // 4 and 16). Two, so one slow message never holds up the queue.
+            concurrency,
+            batch,
             db_pool_size: parsed(env, "DATABASE_POOL_SIZE", 20)?,
             inbox_retention: std::time::Duration::from_secs(7 * 24 * 3600),
             statement_timeout: duration(

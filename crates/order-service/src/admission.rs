@@ -3,12 +3,17 @@
 //! instead of being accepted into a backlog whose wait grows without bound.
 //!
 //! The signal is measured where the saga ends: each time this replica moves an
-//! order out of `pending`, the database says how long ago it was placed. Orders
-//! are shed while, over the last [`WINDOW`],
+//! order out of `pending`, the database says how long ago it was placed. Over
+//! the last [`WINDOW`], with at least [`MIN_COMPLETED`] completions, the median
+//! wait `m` decides which share of new orders is refused:
 //!
 //! ```text
-//!   at least MIN_COMPLETED orders completed  and  their median wait ≥ ADMISSION_TARGET
+//!   m ≤ target: none      m = 1.5 × target: half      m ≥ 2 × target: all
 //! ```
+//!
+//! Refusing in proportion (spread evenly over the requests) keeps the queue
+//! near the target with the saga busy; refusing all at once would let it run
+//! dry and idle until the window forgets the long waits.
 //!
 //! - A queue served in order shows its wait in the orders leaving it. The
 //!   completions lag the queue by that wait, so under twice the sustainable
@@ -30,7 +35,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -40,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 /// How often the decision is taken again.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// The completions a decision looks at.
-pub const WINDOW: Duration = Duration::from_secs(1);
+pub const WINDOW: Duration = Duration::from_millis(500);
 /// Fewer completions in the window say nothing about a queue.
 pub const MIN_COMPLETED: usize = 8;
 
@@ -58,7 +63,10 @@ struct Inner {
     completed: Mutex<VecDeque<(Instant, Duration)>>,
     /// The median wait of the window, ms, while shedding.
     wait_ms: AtomicU64,
-    shedding: AtomicBool,
+    /// Share of new orders refused, per mille (0 = none).
+    refuse_permille: AtomicU64,
+    /// Error diffusion of the share over successive requests, per mille.
+    owed: AtomicU64,
     shed: AtomicU64,
 }
 
@@ -76,7 +84,8 @@ impl Admission {
                 target,
                 completed: Mutex::new(VecDeque::new()),
                 wait_ms: AtomicU64::new(0),
-                shedding: AtomicBool::new(false),
+                refuse_permille: AtomicU64::new(0),
+                owed: AtomicU64::new(0),
                 shed: AtomicU64::new(0),
             }),
         }
@@ -95,9 +104,16 @@ impl Admission {
 
     /// `Err` when an order arriving now is to be refused.
     pub fn admit(&self) -> Result<(), Shed> {
-        if !self.inner.shedding.load(Ordering::Relaxed) {
+        let share = self.inner.refuse_permille.load(Ordering::Relaxed);
+        if share == 0 {
             return Ok(());
         }
+        // Every request adds the share; each full thousand refuses one.
+        let owed = self.inner.owed.fetch_add(share, Ordering::Relaxed) + share;
+        if owed < 1000 {
+            return Ok(());
+        }
+        self.inner.owed.fetch_sub(1000, Ordering::Relaxed);
         self.inner.shed.fetch_add(1, Ordering::Relaxed);
         let wait_ms = self.inner.wait_ms.load(Ordering::Relaxed);
         Err(Shed {
@@ -111,7 +127,7 @@ impl Admission {
     }
 
     pub fn is_shedding(&self) -> bool {
-        self.inner.shedding.load(Ordering::Relaxed)
+        self.inner.refuse_permille.load(Ordering::Relaxed) > 0
     }
 
     /// Takes the decision from the completions of the last [`WINDOW`].
@@ -132,13 +148,19 @@ impl Admission {
             };
             (count, median)
         };
-        let shed = count >= MIN_COMPLETED && median >= target;
+        let shed = if count >= MIN_COMPLETED && median > target {
+            let over = (median - target).as_secs_f64() / target.as_secs_f64();
+            (over * 1000.0).clamp(1.0, 1000.0) as u64
+        } else {
+            0
+        };
         self.inner.wait_ms.store(
             u64::try_from(median.as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-        if shed != self.inner.shedding.swap(shed, Ordering::Relaxed) {
-            if shed {
+        let before = self.inner.refuse_permille.swap(shed, Ordering::Relaxed);
+        if (shed > 0) != (before > 0) {
+            if shed > 0 {
                 tracing::warn!(completed = count, median_wait = ?median, "orders wait longer than ADMISSION_TARGET; answering new ones 429 until the wait comes down");
             } else {
                 tracing::info!(completed = count, median_wait = ?median, "order intake open again");
@@ -189,39 +211,49 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sheds_while_the_orders_completing_now_waited_longer_than_the_target() {
-        let admission = Admission::new(Some(TARGET));
-        complete(&admission, 20, Duration::from_millis(1_500));
-        admission.decide();
-        let shed = admission.admit().expect_err("a long wait sheds");
-        assert_eq!(shed.retry_after, 2);
-        assert_eq!(admission.shed_total(), 1);
-
-        // Most orders now complete quickly: the median is under the target.
-        complete(&admission, 21, Duration::from_millis(20));
-        admission.decide();
-        assert!(admission.admit().is_ok());
+    fn refused_of(admission: &Admission, requests: usize) -> usize {
+        (0..requests).filter(|_| admission.admit().is_err()).count()
     }
 
     #[test]
-    fn too_few_completions_or_none_never_shed() {
+    fn refuses_a_share_growing_with_the_wait_over_the_target() {
+        let admission = Admission::new(Some(TARGET));
+        complete(&admission, 20, Duration::from_millis(750));
+        admission.decide();
+        assert_eq!(refused_of(&admission, 100), 50, "1.5 × target: half");
+
+        complete(&admission, 21, Duration::from_millis(1_500));
+        admission.decide();
+        assert_eq!(refused_of(&admission, 100), 100, "3 × target: all");
+        let shed = admission.admit().expect_err("refused");
+        assert_eq!(shed.retry_after, 2, "the median wait, rounded up");
+        assert_eq!(admission.shed_total(), 151);
+
+        // Most orders now complete quickly: the median is under the target.
+        complete(&admission, 50, Duration::from_millis(20));
+        admission.decide();
+        assert_eq!(refused_of(&admission, 100), 0);
+    }
+
+    #[test]
+    fn too_few_completions_or_none_never_refuse() {
         let admission = Admission::new(Some(TARGET));
         admission.decide();
         assert!(admission.admit().is_ok(), "nothing completes: an outage");
         complete(&admission, MIN_COMPLETED - 1, Duration::from_secs(60));
         admission.decide();
-        assert!(
-            admission.admit().is_ok(),
+        assert_eq!(
+            refused_of(&admission, 100),
+            0,
             "a few stuck orders completing late"
         );
         complete(&admission, 1, Duration::from_secs(60));
         admission.decide();
-        assert!(admission.admit().is_err());
+        assert_eq!(refused_of(&admission, 100), 100);
     }
 
     #[test]
-    fn no_target_never_sheds() {
+    fn no_target_never_refuses() {
         let admission = Admission::new(None);
         complete(&admission, 1_000, Duration::from_secs(3600));
         admission.decide();

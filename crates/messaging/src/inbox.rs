@@ -10,8 +10,9 @@
 //!
 //! [`Inbox::process_batch`] does the same for several messages in one
 //! transaction: one insert records them all (in id order, so two batches that
-//! share ids wait for each other instead of deadlocking), and the work runs for
-//! the new ones.
+//! share ids wait for each other on the inbox rows instead of deadlocking; the
+//! handler's own locks are [`crate::InboxHandler::before`]'s to order), and the
+//! work runs for the new ones.
 
 use futures_util::future::BoxFuture;
 use sqlx::{PgConnection, PgPool};

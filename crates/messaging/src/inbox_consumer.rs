@@ -197,13 +197,11 @@ impl<H: InboxHandler> Handler for InboxConsumer<H> {
         let items = Arc::new(decoded);
         match self.together(&items).await {
             Ok(outputs) => {
-                let afters = items.iter().zip(outputs).map(|((message, event), output)| {
-                    let span = message.span.clone();
-                    self.handler.after(message, event, output).instrument(span)
-                });
-                let answers = futures_util::future::join_all(afters).await;
-                for (place, outcome) in places.iter().zip(answers) {
-                    outcomes[*place] = Some(outcome);
+                // One after the other, in delivery order: with one handler slot
+                // a webhook sees the messages in the queue's order.
+                for ((place, (message, event)), output) in places.iter().zip(&*items).zip(outputs) {
+                    let after = self.handler.after(message, event, output);
+                    outcomes[*place] = Some(after.instrument(message.span.clone()).await);
                 }
             }
             Err(ApplyError::Database(error)) if crate::availability::is_unavailable(&error) => {

@@ -415,7 +415,8 @@ pub async fn rabbitmqctl(args: &[&str]) -> String {
 }
 
 /// Places `ORDERS` orders from `concurrency` clients, cancelling every
-/// seventh; every request is retried (same Idempotency-Key) until answered.
+/// seventh; every request is retried (same Idempotency-Key) until answered,
+/// after `Retry-After` when refused with 429.
 pub async fn drive(
     name: &'static str,
     urls: &Urls,
@@ -452,6 +453,18 @@ pub async fn drive(
                             }
                             match response.status().as_u16() {
                                 202 => response.json::<Value>().await.ok()?["id"].as_str().map(str::to_owned),
+                                // Refused while a backlog drains (admission control): wait
+                                // as asked, then send the same request again.
+                                429 => {
+                                    let wait = response
+                                        .headers()
+                                        .get("retry-after")
+                                        .and_then(|v| v.to_str().ok())
+                                        .and_then(|v| v.parse::<u64>().ok())
+                                        .expect("a 429 carries Retry-After in seconds");
+                                    tokio::time::sleep(Duration::from_secs(wait.min(5))).await;
+                                    None
+                                }
                                 s if s >= 500 || s == 409 => None,
                                 s => panic!("POST /orders answered {s}: {}", response.text().await.unwrap_or_default()),
                             }

@@ -285,7 +285,8 @@ pub struct ConsumerStats {
     pub timed_out: AtomicU64,
     /// Times the consumer paused because a dependency was unavailable.
     pub pauses: AtomicU64,
-    /// Handler run times, seconds.
+    /// Handler run times, seconds; a batch's run counts once for each of its
+    /// messages.
     pub handler_duration: Histogram,
 }
 

@@ -22,8 +22,11 @@
 //! - While nothing completes (the broker or inventory away) there is no signal
 //!   and intake stays open: the outbox holds orders until the outage ends. An
 //!   outage is not an overload.
-//! - The backlog an outage leaves behind does show: while it drains, new orders
-//!   are refused rather than queued behind it.
+//! - The backlog an outage leaves behind does show while it drains, new orders
+//!   refused rather than queued behind it; orders held up longer than [`STALE`]
+//!   (a long outage, a DLQ redrive) are left out, they say nothing about the
+//!   queue new orders join. `Retry-After` is the median wait, at most
+//!   [`RETRY_AFTER_MAX`] seconds.
 //! - Stuck orders (a parked event, a locked row) do not complete, so they never
 //!   close intake; `orders_oldest_pending_seconds` alerts on them.
 //! - Replicas share the completions (competing consumers), so each sees the same
@@ -48,6 +51,11 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 pub const WINDOW: Duration = Duration::from_millis(500);
 /// Fewer completions in the window say nothing about a queue.
 pub const MIN_COMPLETED: usize = 8;
+/// An order that waited longer was held up (an outage, a DLQ redrive), not
+/// queued: its completion says nothing about the queue new orders join.
+pub const STALE: Duration = Duration::from_secs(60);
+/// The longest `Retry-After`: intake reopens within a window of the queue draining.
+pub const RETRY_AFTER_MAX: u64 = 10;
 
 /// Shared by the decision task, the consumer (completions) and the HTTP handler.
 #[derive(Clone, Debug)]
@@ -65,8 +73,10 @@ struct Inner {
     wait_ms: AtomicU64,
     /// Share of new orders refused, per mille (0 = none).
     refuse_permille: AtomicU64,
-    /// Error diffusion of the share over successive requests, per mille.
-    owed: AtomicU64,
+    /// Requests asked so far: request `n` is refused when the refusals owed up
+    /// to it, `⌊(n + 1) × share / 1000⌋`, grow past those up to the one before.
+    /// Exact under any concurrency, and nothing to underflow.
+    requests: AtomicU64,
     shed: AtomicU64,
 }
 
@@ -85,7 +95,7 @@ impl Admission {
                 completed: Mutex::new(VecDeque::new()),
                 wait_ms: AtomicU64::new(0),
                 refuse_permille: AtomicU64::new(0),
-                owed: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
                 shed: AtomicU64::new(0),
             }),
         }
@@ -93,10 +103,13 @@ impl Admission {
 
     /// An order left `pending` after waiting `waited` since it was placed.
     pub fn completed(&self, waited: Duration) {
-        if self.inner.target.is_none() {
+        self.completed_at(Instant::now(), waited);
+    }
+
+    fn completed_at(&self, now: Instant, waited: Duration) {
+        if self.inner.target.is_none() || waited > STALE {
             return;
         }
-        let now = Instant::now();
         let mut completed = self.window();
         completed.push_back((now, waited));
         forget_before(&mut completed, now);
@@ -108,16 +121,15 @@ impl Admission {
         if share == 0 {
             return Ok(());
         }
-        // Every request adds the share; each full thousand refuses one.
-        let owed = self.inner.owed.fetch_add(share, Ordering::Relaxed) + share;
-        if owed < 1000 {
+        let n = u128::from(self.inner.requests.fetch_add(1, Ordering::Relaxed));
+        let share = u128::from(share);
+        if (n + 1) * share / 1000 == n * share / 1000 {
             return Ok(());
         }
-        self.inner.owed.fetch_sub(1000, Ordering::Relaxed);
         self.inner.shed.fetch_add(1, Ordering::Relaxed);
         let wait_ms = self.inner.wait_ms.load(Ordering::Relaxed);
         Err(Shed {
-            retry_after: wait_ms.div_ceil(1000).max(1),
+            retry_after: wait_ms.div_ceil(1000).clamp(1, RETRY_AFTER_MAX),
         })
     }
 
@@ -132,12 +144,16 @@ impl Admission {
 
     /// Takes the decision from the completions of the last [`WINDOW`].
     pub fn decide(&self) {
+        self.decide_at(Instant::now());
+    }
+
+    fn decide_at(&self, now: Instant) {
         let Some(target) = self.inner.target else {
             return;
         };
         let (count, median) = {
             let mut completed = self.window();
-            forget_before(&mut completed, Instant::now());
+            forget_before(&mut completed, now);
             let mut waits: Vec<Duration> = completed.iter().map(|(_, w)| *w).collect();
             let count = waits.len();
             let middle = count / 2;
@@ -205,58 +221,113 @@ mod tests {
 
     const TARGET: Duration = Duration::from_millis(500);
 
-    fn complete(admission: &Admission, count: usize, waited: Duration) {
-        for _ in 0..count {
-            admission.completed(waited);
-        }
+    /// One instant for a whole test: the window never moves under it.
+    struct Clock {
+        admission: Admission,
+        now: Instant,
     }
 
-    fn refused_of(admission: &Admission, requests: usize) -> usize {
-        (0..requests).filter(|_| admission.admit().is_err()).count()
+    impl Clock {
+        fn new(target: Option<Duration>) -> Self {
+            Self {
+                admission: Admission::new(target),
+                now: Instant::now(),
+            }
+        }
+
+        fn complete(&self, count: usize, waited: Duration) {
+            for _ in 0..count {
+                self.admission.completed_at(self.now, waited);
+            }
+        }
+
+        fn decide(&self) {
+            self.admission.decide_at(self.now);
+        }
+
+        fn refused_of(&self, requests: usize) -> usize {
+            (0..requests)
+                .filter(|_| self.admission.admit().is_err())
+                .count()
+        }
     }
 
     #[test]
     fn refuses_a_share_growing_with_the_wait_over_the_target() {
-        let admission = Admission::new(Some(TARGET));
-        complete(&admission, 20, Duration::from_millis(750));
-        admission.decide();
-        assert_eq!(refused_of(&admission, 100), 50, "1.5 × target: half");
+        let clock = Clock::new(Some(TARGET));
+        clock.complete(20, Duration::from_millis(750));
+        clock.decide();
+        assert_eq!(clock.refused_of(100), 50, "1.5 × target: half");
 
-        complete(&admission, 21, Duration::from_millis(1_500));
-        admission.decide();
-        assert_eq!(refused_of(&admission, 100), 100, "3 × target: all");
-        let shed = admission.admit().expect_err("refused");
+        clock.complete(21, Duration::from_millis(1_500));
+        clock.decide();
+        assert_eq!(clock.refused_of(100), 100, "3 × target: all");
+        let shed = clock.admission.admit().expect_err("refused");
         assert_eq!(shed.retry_after, 2, "the median wait, rounded up");
-        assert_eq!(admission.shed_total(), 151);
+        assert_eq!(clock.admission.shed_total(), 151);
 
         // Most orders now complete quickly: the median is under the target.
-        complete(&admission, 50, Duration::from_millis(20));
-        admission.decide();
-        assert_eq!(refused_of(&admission, 100), 0);
+        clock.complete(50, Duration::from_millis(20));
+        clock.decide();
+        assert_eq!(clock.refused_of(100), 0);
     }
 
     #[test]
-    fn too_few_completions_or_none_never_refuse() {
-        let admission = Admission::new(Some(TARGET));
-        admission.decide();
-        assert!(admission.admit().is_ok(), "nothing completes: an outage");
-        complete(&admission, MIN_COMPLETED - 1, Duration::from_secs(60));
-        admission.decide();
-        assert_eq!(
-            refused_of(&admission, 100),
-            0,
-            "a few stuck orders completing late"
+    fn the_window_forgets_completions_older_than_it() {
+        let clock = Clock::new(Some(TARGET));
+        clock.complete(20, Duration::from_secs(2));
+        clock
+            .admission
+            .decide_at(clock.now + WINDOW + Duration::from_millis(1));
+        assert_eq!(clock.refused_of(100), 0);
+    }
+
+    #[test]
+    fn too_few_completions_none_or_stale_ones_never_refuse() {
+        let clock = Clock::new(Some(TARGET));
+        clock.decide();
+        assert!(
+            clock.admission.admit().is_ok(),
+            "nothing completes: an outage"
         );
-        complete(&admission, 1, Duration::from_secs(60));
-        admission.decide();
-        assert_eq!(refused_of(&admission, 100), 100);
+        clock.complete(20, STALE + Duration::from_secs(1));
+        clock.decide();
+        assert_eq!(
+            clock.refused_of(100),
+            0,
+            "orders held up an hour: a redrive"
+        );
+        clock.complete(MIN_COMPLETED - 1, Duration::from_secs(30));
+        clock.decide();
+        assert_eq!(clock.refused_of(100), 0, "a few orders completing late");
+        clock.complete(1, Duration::from_secs(30));
+        clock.decide();
+        let shed = clock.admission.admit().expect_err("refused");
+        assert_eq!(shed.retry_after, RETRY_AFTER_MAX, "Retry-After is bounded");
+    }
+
+    #[test]
+    fn refusals_stay_exact_when_requests_race() {
+        let clock = Clock::new(Some(TARGET));
+        clock.complete(20, Duration::from_millis(600));
+        clock.decide();
+        // A fifth refused, from 8 threads at once: the count is exact, and
+        // never runs away to refusing everything.
+        let refused: usize = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| clock.refused_of(1_000)))
+                .collect();
+            workers.into_iter().map(|w| w.join().expect("worker")).sum()
+        });
+        assert_eq!(refused, 1_600);
+        assert_eq!(clock.refused_of(1_000), 200);
     }
 
     #[test]
     fn no_target_never_refuses() {
-        let admission = Admission::new(None);
-        complete(&admission, 1_000, Duration::from_secs(3600));
-        admission.decide();
-        assert!(admission.admit().is_ok());
+        let clock = Clock::new(None);
+        clock.complete(1_000, Duration::from_secs(30));
+        clock.decide();
+        assert!(clock.admission.admit().is_ok());
     }
 }

@@ -40,6 +40,24 @@ impl Event {
         })
     }
 
+    /// Decodes a message a consumer's queue carries: one of the events `expected`
+    /// accepts, about a valid order id. `Err` is the reason to dead-letter it;
+    /// `queue` names the queue in it ("unexpected order.placed on the {queue}").
+    pub fn decode_expected(
+        message_type: &str,
+        payload: &[u8],
+        queue: &str,
+        expected: fn(&Self) -> bool,
+    ) -> Result<(uuid::Uuid, Self), String> {
+        let event = Self::decode(message_type, payload)?;
+        if !expected(&event) {
+            return Err(format!("unexpected {} on the {queue}", event.routing_key()));
+        }
+        let order_id = uuid::Uuid::parse_str(event.order_id())
+            .map_err(|_| format!("invalid order id '{}'", event.order_id().escape_debug()))?;
+        Ok((order_id, event))
+    }
+
     /// The order this event is about.
     pub fn order_id(&self) -> &str {
         match self {

@@ -26,17 +26,12 @@ impl InboxHandler for OrderEvents {
     type Output = ();
 
     fn decode(&self, message: &IncomingMessage) -> Result<OrderEvent, String> {
-        let event = match Event::decode(&message.message_type, &message.payload)? {
-            event @ (Event::OrderPlaced(_) | Event::OrderCancelled(_)) => event,
-            other => {
-                return Err(format!(
-                    "unexpected {} on the order events queue",
-                    other.routing_key()
-                ));
-            }
-        };
-        let order_id = Uuid::parse_str(event.order_id())
-            .map_err(|_| format!("invalid order id '{}'", event.order_id().escape_debug()))?;
+        let (order_id, event) = Event::decode_expected(
+            &message.message_type,
+            &message.payload,
+            "order events queue",
+            |e| matches!(e, Event::OrderPlaced(_) | Event::OrderCancelled(_)),
+        )?;
         Ok(OrderEvent { order_id, event })
     }
 

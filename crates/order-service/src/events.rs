@@ -30,19 +30,17 @@ impl InboxHandler for InventoryEvents {
     type Output = Option<std::time::Duration>;
 
     fn decode(&self, message: &IncomingMessage) -> Result<InventoryEvent, String> {
-        let event = match Event::decode(&message.message_type, &message.payload)? {
-            event @ (Event::StockReserved(_)
-            | Event::StockRejected(_)
-            | Event::StockReleased(_)) => event,
-            other => {
-                return Err(format!(
-                    "unexpected {} on the inventory results queue",
-                    other.routing_key()
-                ));
-            }
-        };
-        let order_id = Uuid::parse_str(event.order_id())
-            .map_err(|_| format!("invalid order id '{}'", event.order_id().escape_debug()))?;
+        let (order_id, event) = Event::decode_expected(
+            &message.message_type,
+            &message.payload,
+            "inventory results queue",
+            |e| {
+                matches!(
+                    e,
+                    Event::StockReserved(_) | Event::StockRejected(_) | Event::StockReleased(_)
+                )
+            },
+        )?;
         Ok(InventoryEvent { order_id, event })
     }
 

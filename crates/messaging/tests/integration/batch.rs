@@ -147,14 +147,32 @@ impl InboxHandler for Shared {
     }
 }
 
-fn batching() -> ConsumerOptions {
-    ConsumerOptions {
+/// Consumes the test queue with `handler` through an inbox, one batch of up to
+/// 32 at a time.
+fn consume_in_batches(
+    broker: &Broker,
+    names: &Names,
+    db: &testkit::TestDb,
+    handler: &Arc<Effects>,
+    shutdown: &CancellationToken,
+) -> messaging::ConsumerHandle {
+    let options = ConsumerOptions {
         prefetch: 64,
         concurrency: 1,
         batch: 32,
         app_id: "test".into(),
         ..Default::default()
-    }
+    };
+    spawn_consumer(
+        broker.clone(),
+        names.queue.clone(),
+        options,
+        InboxConsumer::new(
+            messaging::Inbox::new(db.pool.clone(), "batch"),
+            Shared(handler.clone()),
+        ),
+        shutdown.clone(),
+    )
 }
 
 /// Publishes `body` with message id `id` to the test exchange, confirmed.
@@ -225,16 +243,7 @@ async fn messages_arriving_together_share_transactions_and_a_duplicate_in_a_batc
     }
     let handler = Arc::new(Effects::default());
     let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        batching(),
-        InboxConsumer::new(
-            messaging::Inbox::new(db.pool.clone(), "batch"),
-            Shared(handler.clone()),
-        ),
-        shutdown.clone(),
-    );
+    let consumer = consume_in_batches(&broker, &names, &db, &handler, &shutdown);
     let stats = consumer.stats();
     testkit::wait_until("every delivery acked", Duration::from_secs(20), || async {
         stats.acked.load(Ordering::SeqCst) == published
@@ -289,16 +298,7 @@ async fn bad_messages_in_a_batch_are_dead_lettered_alone_and_the_rest_is_applied
     }
     let handler = Arc::new(Effects::default());
     let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        batching(),
-        InboxConsumer::new(
-            messaging::Inbox::new(db.pool.clone(), "batch"),
-            Shared(handler.clone()),
-        ),
-        shutdown.clone(),
-    );
+    let consumer = consume_in_batches(&broker, &names, &db, &handler, &shutdown);
     let dlq = names.queue.dlq_name();
     testkit::wait_until(
         "three dead letters and thirty effects",
@@ -361,16 +361,7 @@ async fn a_connection_lost_between_a_batch_commit_and_its_ack_redelivers_it_and_
         ..Effects::default()
     });
     let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        batching(),
-        InboxConsumer::new(
-            messaging::Inbox::new(db.pool.clone(), "batch"),
-            Shared(handler.clone()),
-        ),
-        shutdown.clone(),
-    );
+    let consumer = consume_in_batches(&broker, &names, &db, &handler, &shutdown);
     let (_conn, ch) = support::raw_channel().await;
     testkit::wait_until(
         "every message applied after the cut",

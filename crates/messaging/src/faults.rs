@@ -66,11 +66,9 @@ pub fn crash_point(name: &str) {
 pub mod points {
     /// The relay has the broker's confirms but has not marked the rows.
     pub const RELAY_AFTER_CONFIRM: &str = "relay.after-confirm";
-    /// A handler's work committed (it answered `Ack`), the delivery is not acked.
+    /// A handler's work committed (it answered `Ack`), the delivery is not acked
+    /// (a batch reaches it once, before its one ack).
     pub const CONSUMER_BEFORE_ACK: &str = "consumer.before-ack";
-    /// A batch of handler runs committed together, none of its deliveries is
-    /// acked (reached after [`CONSUMER_BEFORE_ACK`], which counts a batch once).
-    pub const CONSUMER_BEFORE_BATCH_ACK: &str = "consumer.before-batch-ack";
     /// A redrive has the confirms of a batch of copies, the DLQ originals are
     /// not acked.
     pub const REDRIVE_AFTER_CONFIRM: &str = "redrive.after-confirm";

@@ -103,10 +103,6 @@ impl<H> InboxConsumer<H> {
             handler: Arc::new(handler),
         }
     }
-
-    pub fn inbox(&self) -> &Inbox {
-        &self.inbox
-    }
 }
 
 /// Decoded messages of one run, shared with the transaction's future.

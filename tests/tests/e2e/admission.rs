@@ -72,7 +72,20 @@ async fn orders_are_refused_with_429_while_a_backlog_drains_and_accepted_during_
         );
         answers.push(a);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The backlog has waited longer than the target before anything completes it.
+    testkit::wait_until(
+        "the backlog waited 500 ms",
+        Duration::from_secs(10),
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT min(created_at) < now() - interval '500 milliseconds' FROM orders",
+            )
+            .fetch_one(&stack.databases[0].pool)
+            .await
+            .expect("oldest order")
+        },
+    )
+    .await;
 
     // Orders keep coming from another client while inventory comes back and its
     // backlog completes, each order having waited over 500 ms: some are refused,

@@ -128,7 +128,6 @@ impl<H: Handler> Runtime<H> {
             return;
         };
         crate::faults::crash_point(crate::faults::points::CONSUMER_BEFORE_ACK);
-        crate::faults::crash_point(crate::faults::points::CONSUMER_BEFORE_BATCH_ACK);
         let mut tags: Vec<u64> = deliveries.iter().map(|d| d.delivery_tag).collect();
         tags.sort_unstable();
         if !subscription.multi_ack_covers(&tags) {

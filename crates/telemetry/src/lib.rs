@@ -3,24 +3,35 @@
 //! ```text
 //!  tracing spans/events ─┬─▶ log layer (text or JSON, with trace_id/span_id),
 //!                        │   filtered by RUST_LOG
-//!                        └─▶ OpenTelemetry layer ─▶ tracer provider ─▶ batch
-//!                            exporter (OTLP gRPC or HTTP/protobuf) when
-//!                            OTEL_EXPORTER_OTLP_ENDPOINT is set
+//!                        └─▶ OpenTelemetry layer (INFO and above) ─▶ tracer
+//!                            provider ─▶ batch exporter (OTLP gRPC or
+//!                            HTTP/protobuf) when OTEL_EXPORTER_OTLP_ENDPOINT
+//!                            is set
 //! ```
 //!
-//! The log filter applies to log output only: spans reach OpenTelemetry whatever
-//! `RUST_LOG` says, so a quiet log level never breaks a trace. Without an endpoint
-//! nothing is exported, but spans still get ids and the W3C context propagates.
+//! The log filter applies to log output only: spans (and events) at INFO and
+//! above reach OpenTelemetry whatever `RUST_LOG` says, so a quiet log level never
+//! breaks a trace. Without an endpoint nothing is exported, but spans still get
+//! ids and the W3C context propagates.
 
 mod format;
 
 use opentelemetry::{global, trace::TracerProvider as _};
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::LevelFilter, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 /// Used when `RUST_LOG` is unset.
 pub const DEFAULT_FILTER: &str = "info,lapin=off,sqlx::postgres::notice=warn";
+
+/// The spans and events OpenTelemetry receives, whatever `RUST_LOG` says. Below
+/// INFO are the libraries' own: sqlx's DEBUG summary of every statement, turned
+/// into a span event with its SQL text, was 4 % of the services' CPU under load
+/// (issue #13's profile), and lapin's and h2's TRACE events are built at all
+/// only when some layer wants them.
+const OTEL_LEVEL: LevelFilter = LevelFilter::INFO;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -146,7 +157,11 @@ pub fn init(service_name: &str, format: LogFormat) -> Result<Telemetry, Telemetr
     };
     tracing_subscriber::registry()
         .with(logs.with_filter(filter))
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(OTEL_LEVEL),
+        )
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
     Ok(Telemetry { provider })

@@ -160,6 +160,11 @@ pub fn init(service_name: &str, format: LogFormat) -> Result<Telemetry, Telemetr
         .with(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
+                // Both run on every poll of an instrumented future: the busy/idle
+                // timings read the clock, the activation attaches an OpenTelemetry
+                // context nothing here reads (the context is taken from the span).
+                .with_tracked_inactivity(false)
+                .with_context_activation(false)
                 .with_filter(OTEL_LEVEL),
         )
         .try_init()

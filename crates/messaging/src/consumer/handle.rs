@@ -1,0 +1,183 @@
+//! How a consumer is started, configured, counted and watched while it runs.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{DeathClass, Handler, Runtime};
+use crate::{Backoff, Broker, Heartbeat, Histogram, Publisher, QueueSpec};
+
+#[derive(Clone, Debug)]
+pub struct ConsumerOptions {
+    /// Unacknowledged deliveries the broker may push ahead (basic.qos).
+    pub prefetch: u16,
+    /// Handler runs (of one message or one batch) at once.
+    pub concurrency: usize,
+    /// Most deliveries handed to one [`Handler::handle_batch`]: those already
+    /// received when a handler slot frees, so a batch never waits to fill up.
+    /// 1 hands every delivery to [`Handler::handle`] alone.
+    pub batch: usize,
+    /// Name stamped on moved messages and the consumer tag.
+    pub app_id: String,
+    /// Delay between re-subscribe attempts.
+    pub backoff: Backoff,
+    /// Larger bodies are dead-lettered unread (no handler is asked to decode them).
+    pub max_body: usize,
+    /// A handler run that takes longer is abandoned and retried (and counted).
+    pub handler_timeout: Duration,
+    /// Publishes retries and dead letters; `None` publishes on the consuming
+    /// connection. Give it a publisher on another connection: a broker alarm
+    /// blocks every connection that publishes, acks included.
+    pub publisher: Option<Publisher>,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        Self {
+            prefetch: 32,
+            concurrency: 8,
+            batch: 1,
+            app_id: "shop".to_owned(),
+            backoff: Backoff::default(),
+            max_body: 1024 * 1024,
+            handler_timeout: Duration::from_secs(30),
+            publisher: None,
+        }
+    }
+}
+
+/// Counters of one consumer since startup.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    pub acked: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// `dead_lettered` by [`DeathClass`].
+    pub(super) dead_lettered_by_class: [AtomicU64; 3],
+    /// First runs of messages an operator sent back from the DLQ.
+    pub redriven: AtomicU64,
+    /// Deliveries sent back to the queue because settling failed.
+    pub requeued: AtomicU64,
+    pub subscriptions: AtomicU64,
+    /// Handler runs abandoned at the handler deadline (then retried).
+    pub timed_out: AtomicU64,
+    /// Times the consumer paused because a dependency was unavailable.
+    pub pauses: AtomicU64,
+    /// Handler run times, seconds; a batch's run counts once for each of its
+    /// messages.
+    pub handler_duration: Histogram,
+}
+
+impl ConsumerStats {
+    /// Messages dead-lettered for `class` since startup.
+    pub fn dead_lettered_as(&self, class: DeathClass) -> u64 {
+        self.dead_lettered_by_class[class.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// A running consumer.
+#[derive(Debug)]
+pub struct ConsumerHandle {
+    queue: String,
+    subscribed: Arc<AtomicBool>,
+    stats: Arc<ConsumerStats>,
+    gate: watch::Receiver<Option<String>>,
+    heartbeat: Heartbeat,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A cheap, cloneable view of a running consumer (for readiness and metrics).
+#[derive(Clone, Debug)]
+pub struct ConsumerProbe {
+    pub queue: String,
+    subscribed: Arc<AtomicBool>,
+    pub stats: Arc<ConsumerStats>,
+    gate: watch::Receiver<Option<String>>,
+    heartbeat: Heartbeat,
+}
+
+impl ConsumerProbe {
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Relaxed)
+    }
+
+    /// Why the consumer is paused, while it is.
+    pub fn paused(&self) -> Option<String> {
+        self.gate.borrow().clone()
+    }
+
+    /// The consumer loop's proof of life (liveness, not readiness).
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
+    }
+}
+
+impl ConsumerHandle {
+    pub fn probe(&self) -> ConsumerProbe {
+        ConsumerProbe {
+            queue: self.queue.clone(),
+            subscribed: self.subscribed.clone(),
+            stats: self.stats.clone(),
+            gate: self.gate.clone(),
+            heartbeat: self.heartbeat.clone(),
+        }
+    }
+
+    /// True while subscribed to its queue (for readiness).
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
+    }
+
+    /// Waits until the consumer stopped (after its shutdown token fired).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Starts consuming `queue` with `handler` until `shutdown` fires.
+pub fn spawn_consumer<H: Handler>(
+    broker: Broker,
+    queue: QueueSpec,
+    options: ConsumerOptions,
+    handler: H,
+    shutdown: CancellationToken,
+) -> ConsumerHandle {
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(ConsumerStats::default());
+    let (gate, gate_view) = watch::channel(None);
+    let heartbeat = Heartbeat::default();
+    let runtime = Arc::new(Runtime {
+        publisher: options
+            .publisher
+            .clone()
+            .unwrap_or_else(|| Publisher::new(broker.clone(), options.app_id.clone())),
+        broker,
+        queue: queue.clone(),
+        options,
+        handler: Arc::new(handler),
+        subscribed: subscribed.clone(),
+        stats: stats.clone(),
+        shutdown,
+        gate,
+        heartbeat: heartbeat.clone(),
+    });
+    ConsumerHandle {
+        queue: queue.name,
+        subscribed,
+        stats,
+        gate: gate_view,
+        heartbeat,
+        task: tokio::spawn(runtime.run()),
+    }
+}

@@ -18,9 +18,12 @@
 
 pub mod availability;
 mod backoff;
+#[macro_use]
+mod crash;
 mod connection;
 pub mod consumer;
 pub mod dead_letters;
+#[cfg(feature = "testing")]
 pub mod faults;
 mod heartbeat;
 mod histogram;

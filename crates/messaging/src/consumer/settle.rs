@@ -29,7 +29,7 @@ impl<H: Handler> Runtime<H> {
         match verdict {
             Verdict::Ack => {
                 tracing::Span::current().record("shop.outcome", "ack");
-                crate::faults::crash_point(crate::faults::points::CONSUMER_BEFORE_ACK);
+                crash_point!(CONSUMER_BEFORE_ACK);
                 self.ack(delivery, subscription).await;
             }
             Verdict::Retry(reason) if attempt < self.queue.retry.max_attempts => {

@@ -90,7 +90,7 @@ impl DeadLetters {
                 ));
                 break;
             }
-            crate::faults::crash_point(crate::faults::points::REDRIVE_AFTER_CONFIRM);
+            crash_point!(REDRIVE_AFTER_CONFIRM);
             if let Err(error) = ack(&taken.channel, letter.delivery_tag).await {
                 // The copy is in `queue` and the original still in the DLQ:
                 // consumers deduplicate it by message id.

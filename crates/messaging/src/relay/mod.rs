@@ -39,7 +39,7 @@
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -82,9 +82,11 @@ pub struct RelayOptions {
     pub park_after: u32,
     /// Back-off of a refused row: `initial * 2^(failures - 1)`, capped at `max`.
     pub row_backoff: Backoff,
-    /// Fault injection for tests: the next N batches are abandoned after their
-    /// confirms and before marking, as if the process died there.
-    pub fail_after_confirm: Arc<AtomicU32>,
+    /// Fault injection for tests (feature `testing`): the next N batches are
+    /// abandoned after their confirms and before marking, as if the process died
+    /// there.
+    #[cfg(feature = "testing")]
+    pub fail_after_confirm: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Default for RelayOptions {
@@ -102,7 +104,8 @@ impl Default for RelayOptions {
                 initial: Duration::from_secs(1),
                 max: Duration::from_secs(300),
             },
-            fail_after_confirm: Arc::new(AtomicU32::new(0)),
+            #[cfg(feature = "testing")]
+            fail_after_confirm: Arc::new(std::sync::atomic::AtomicU32::new(0)),
         }
     }
 }
@@ -233,6 +236,7 @@ enum RoundError {
     Broker(PublishError),
     /// No round was started: the publish connection is down or blocked.
     Waiting(PublishError),
+    #[cfg(feature = "testing")]
     Injected,
 }
 
@@ -241,6 +245,7 @@ impl std::fmt::Display for RoundError {
         match self {
             Self::Database(e) => write!(f, "database: {e}"),
             Self::Broker(e) | Self::Waiting(e) => write!(f, "broker: {e}"),
+            #[cfg(feature = "testing")]
             Self::Injected => write!(f, "injected failure after confirm"),
         }
     }

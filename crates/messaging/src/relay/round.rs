@@ -1,7 +1,7 @@
 //! One round: claim a batch of rows, publish it with confirms, settle what the
 //! broker said of each row, commit.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 
 use super::{Relay, RoundError};
 use crate::{OutgoingMessage, PublishError, outbox};
@@ -44,10 +44,8 @@ impl Relay {
             }
         }
         let mut results = self.publisher.publish_batch(&messages).await;
-        if results.iter().any(Result::is_ok) {
-            crate::faults::crash_point(crate::faults::points::RELAY_AFTER_CONFIRM);
-        }
-
+        crash_point!(RELAY_AFTER_CONFIRM if results.iter().any(Result::is_ok));
+        #[cfg(feature = "testing")]
         if take_one(&self.options.fail_after_confirm) {
             // As if the process died here: the transaction rolls back, the rows
             // stay unpublished and go out again with the same ids.
@@ -152,7 +150,8 @@ struct Settle {
     broker_error: Option<PublishError>,
 }
 
-fn take_one(counter: &AtomicU32) -> bool {
+#[cfg(feature = "testing")]
+fn take_one(counter: &std::sync::atomic::AtomicU32) -> bool {
     counter
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()

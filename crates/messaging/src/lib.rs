@@ -35,6 +35,7 @@ pub mod parked;
 pub mod propagation;
 mod publisher;
 mod relay;
+mod runtime;
 mod settings;
 pub mod topology;
 
@@ -54,6 +55,7 @@ pub use publisher::{
     CONTENT_TYPE_PROTOBUF, DEFAULT_CONFIRM_TIMEOUT, OutgoingMessage, PublishError, Publisher,
 };
 pub use relay::{RelayHandle, RelayOptions, RelayProbe, RelayStatus, spawn_relay};
+pub use runtime::{Check, Runtime, RuntimeBuilder, RuntimeProbe, StartError};
 pub use settings::{AmqpSettings, InvalidUrl};
 pub use topology::{ExchangeBinding, ExchangeSpec, ExchangeType, QueueSpec, RetryPolicy, Topology};
 

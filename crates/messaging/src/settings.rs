@@ -20,7 +20,8 @@ pub struct AmqpSettings {
     pub ca_file: Option<PathBuf>,
     /// Delay between reconnection attempts.
     pub backoff: Backoff,
-    /// Shown in the RabbitMQ management UI, so operators can tell processes apart.
+    /// Shown in the RabbitMQ management UI, so operators can tell processes apart
+    /// (default: the program's file name).
     pub connection_name: String,
 }
 
@@ -50,7 +51,7 @@ impl AmqpSettings {
             connect_timeout,
             ca_file: None,
             backoff: Backoff::default(),
-            connection_name: "shop".to_owned(),
+            connection_name: program_name(),
         })
     }
 
@@ -146,6 +147,19 @@ impl fmt::Debug for AmqpSettings {
             .field("connection_name", &self.connection_name)
             .finish()
     }
+}
+
+/// The running program's file name (e.g. `order-service`): the default name of
+/// its connections in the broker's UI and of the `app_id` on what it publishes.
+pub(crate) fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .as_deref()
+        .map(std::path::Path::new)
+        .and_then(std::path::Path::file_name)
+        .map(|name| name.to_string_lossy().into_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "messaging".to_owned())
 }
 
 #[cfg(test)]

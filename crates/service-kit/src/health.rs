@@ -14,7 +14,7 @@
 use std::{fmt::Write, sync::Arc};
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use messaging::{Broker, ConsumerProbe, DeathClass, RelayProbe, dead_letters::DepthProbe};
+use messaging::{Broker, ConsumerProbe, DeathClass, RuntimeProbe};
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -24,12 +24,8 @@ use crate::metrics::{Metrics, escape, render_histogram, sample};
 #[derive(Clone, Debug)]
 pub struct Health {
     pub pool: PgPool,
-    /// The service's broker connections by role (`publish`, `consume`).
-    pub brokers: Vec<(&'static str, Broker)>,
-    pub consumers: Vec<ConsumerProbe>,
-    /// The depth of each consumed queue's DLQ.
-    pub dlq_depths: Vec<DepthProbe>,
-    pub relay: Option<RelayProbe>,
+    /// The messaging runtime: connections, consumers, DLQ depths, relay.
+    pub messaging: RuntimeProbe,
     pub metrics: Arc<Metrics>,
 }
 
@@ -66,92 +62,21 @@ impl Health {
             .with_state(Arc::new(self))
     }
 
-    /// One check for all connections: it fails when any of them is down and
-    /// says which.
-    fn broker_check(&self) -> Check {
-        let mut notes = Vec::new();
-        for (role, broker) in &self.brokers {
-            if !broker.is_connected() {
-                notes.push(format!("{role} connection down"));
-            } else if broker.is_blocked() {
-                notes.push(format!("{role} connection blocked by a broker alarm"));
-            }
-        }
-        Check {
-            name: "broker".into(),
-            ok: self.brokers.iter().all(|(_, b)| b.is_connected()),
-            critical: false,
-            detail: (!notes.is_empty()).then(|| notes.join(", ")),
-        }
-    }
-
-    /// The runtime loops whose heartbeat stopped.
-    fn wedged(&self) -> Vec<String> {
-        let mut beats: Vec<(String, &messaging::Heartbeat)> = Vec::new();
-        for (role, broker) in &self.brokers {
-            beats.push((format!("{role} connection supervisor"), broker.heartbeat()));
-        }
-        for consumer in &self.consumers {
-            beats.push((format!("consumer {}", consumer.queue), consumer.heartbeat()));
-        }
-        if let Some(relay) = &self.relay {
-            beats.push(("outbox relay".into(), relay.heartbeat()));
-        }
-        beats
-            .into_iter()
-            .filter(|(_, beat)| !beat.is_alive())
-            .map(|(name, beat)| {
-                format!("{name}: no heartbeat for {:.0}s", beat.age().as_secs_f64())
-            })
-            .collect()
-    }
-
+    /// The database (critical: without it the service can take no request),
+    /// then each part of the messaging runtime (reported, never critical).
     async fn checks(&self) -> Vec<Check> {
-        let mut checks = vec![
-            Check {
-                name: "database".into(),
-                ok: crate::database::ping(&self.pool).await,
-                critical: true,
-                detail: None,
-            },
-            self.broker_check(),
-        ];
-        for consumer in &self.consumers {
-            let paused = consumer.paused();
-            checks.push(Check {
-                name: format!("consumer {}", consumer.queue),
-                ok: consumer.is_subscribed() && paused.is_none(),
-                critical: false,
-                detail: match (consumer.is_subscribed(), paused) {
-                    (_, Some(reason)) => Some(format!("paused: {reason}")),
-                    (false, None) => Some("not subscribed".into()),
-                    (true, None) => None,
-                },
-            });
-        }
-        if let Some(relay) = &self.relay {
-            let status = relay.status();
-            let mut notes = Vec::new();
-            if let Some(age) = status.oldest_unpublished {
-                notes.push(format!(
-                    "backlog {}, oldest unpublished {:.1}s",
-                    status.backlog,
-                    age.as_secs_f64()
-                ));
-            }
-            if status.parked > 0 {
-                notes.push(format!("{} parked row(s)", status.parked));
-            }
-            if let Some(error) = &status.last_error {
-                notes.push(error.clone());
-            }
-            checks.push(Check {
-                name: "outbox relay".into(),
-                ok: relay.is_healthy() && status.parked == 0,
-                critical: false,
-                detail: (!notes.is_empty()).then(|| notes.join("; ")),
-            });
-        }
+        let mut checks = vec![Check {
+            name: "database".into(),
+            ok: crate::database::ping(&self.pool).await,
+            critical: true,
+            detail: None,
+        }];
+        checks.extend(self.messaging.checks().into_iter().map(|c| Check {
+            name: c.name,
+            ok: c.ok,
+            critical: false,
+            detail: c.detail,
+        }));
         checks
     }
 }
@@ -168,7 +93,7 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
 }
 
 async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let wedged = health.wedged();
+    let wedged = health.messaging.wedged();
     let status = if wedged.is_empty() {
         StatusCode::OK
     } else {
@@ -189,7 +114,7 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     health.metrics.render_gauges(&mut out);
     out.push_str("# HELP messaging_consumed_total Deliveries settled, by queue and outcome.\n");
     out.push_str("# TYPE messaging_consumed_total counter\n");
-    for c in &health.consumers {
+    for c in &health.messaging.consumers {
         let q = escape(&c.queue);
         let s = &c.stats;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
@@ -207,7 +132,7 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     }
     out.push_str("# HELP messaging_dead_lettered_total Messages dead-lettered, by queue and class (poison: unusable envelope, rejected: refused by the handler, exhausted: retries used up).\n");
     out.push_str("# TYPE messaging_dead_lettered_total counter\n");
-    for c in &health.consumers {
+    for c in &health.messaging.consumers {
         for class in DeathClass::ALL {
             let _ = writeln!(
                 out,
@@ -220,7 +145,7 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     }
     out.push_str("# HELP messaging_dlq_depth Messages waiting in the DLQ of a consumed queue (absent until read).\n");
     out.push_str("# TYPE messaging_dlq_depth gauge\n");
-    for probe in &health.dlq_depths {
+    for probe in &health.messaging.dlq_depths {
         if let Some(depth) = probe.depth() {
             let _ = writeln!(
                 out,
@@ -270,13 +195,13 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     for (name, kind, help, value) in consumer_families {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        for c in &health.consumers {
+        for c in &health.messaging.consumers {
             let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", escape(&c.queue), value(c));
         }
     }
     out.push_str("# HELP messaging_handler_duration_seconds Handler run time, by queue.\n");
     out.push_str("# TYPE messaging_handler_duration_seconds histogram\n");
-    for c in &health.consumers {
+    for c in &health.messaging.consumers {
         let labels = format!("queue=\"{}\"", escape(&c.queue));
         render_histogram(
             &mut out,
@@ -285,7 +210,7 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
             &c.stats.handler_duration,
         );
     }
-    if let Some(relay) = &health.relay {
+    if let Some(relay) = &health.messaging.relay {
         let status = relay.status();
         sample(
             &mut out,
@@ -344,7 +269,7 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     for (name, kind, help, value) in families {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (role, broker) in &health.brokers {
+        for (role, broker) in &health.messaging.brokers {
             let _ = writeln!(out, "{name}{{connection=\"{role}\"}} {}", value(broker));
         }
     }

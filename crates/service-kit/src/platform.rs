@@ -10,21 +10,17 @@
 //!          ─▶ publish connection closed
 //! ```
 //!
-//! Publishing and consuming use separate connections, as RabbitMQ advises: under
-//! a resource alarm the broker stops reading from connections that publish, and
-//! a consumer sharing that connection could not ack either. Everything that
-//! publishes (the relay, and the consumers' retry and dead-letter copies) uses
-//! the publish connection; the consume connection only receives and acks. So
-//! the saga keeps consuming (which drains the queues the alarm is about) while
-//! the relay waits.
+//! The messaging half (connections, relay, consumers, inbox cleanup, DLQ
+//! depths) is a [`messaging::Runtime`]; this adds the database, HTTP, probes and
+//! the process around it.
 
 use std::{future::Future, net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use axum::{Router, extract::DefaultBodyLimit, middleware, serve::ListenerExt};
 use contracts::topology::{self, Owner};
 use messaging::{
-    Broker, ConnectError, ConsumerHandle, ConsumerOptions, Handler, Inbox, InboxConsumer,
-    InboxHandler, Publisher, QueueSpec, RelayHandle, RelayOptions, spawn_consumer, spawn_relay,
+    ConsumerOptions, Handler, Inbox, InboxHandler, RelayOptions, Runtime, RuntimeBuilder,
+    StartError,
 };
 use sqlx::PgPool;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -45,9 +41,6 @@ pub const ORDER_ID_ATTRIBUTE: &str = "shop.order_id";
 /// Bound of each closing step at shutdown (pool, broker connections).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How often each service reads the depth of its DLQ (for metrics).
-const DLQ_DEPTH_EVERY: Duration = Duration::from_secs(5);
-
 /// Largest accepted request body.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
@@ -59,7 +52,7 @@ pub enum StartupError {
     #[error(transparent)]
     Database(#[from] DatabaseError),
     #[error(transparent)]
-    Broker(#[from] ConnectError),
+    Messaging(#[from] StartError),
     #[error("cannot listen on {addr} (HTTP_ADDR): {reason}")]
     Bind { addr: SocketAddr, reason: String },
     #[error("HTTP server failed: {0}")]
@@ -83,27 +76,20 @@ pub struct Spec {
 pub struct Platform {
     pub name: &'static str,
     pub pool: PgPool,
-    /// The connection the relay publishes on.
-    pub broker: Broker,
-    /// The connection consumers receive and ack on.
-    pub consumer_broker: Broker,
-    /// Publishes on `broker`: the relay's rows, and the consumers' retries and
-    /// dead letters (so an alarm blocking publishers never blocks an ack).
-    publisher: Publisher,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
     common: Common,
     /// The queue this service consumes.
-    queue: QueueSpec,
-    relay: RelayHandle,
-    consumers: Vec<ConsumerHandle>,
-    dlq_depths: Vec<messaging::dead_letters::DepthProbe>,
+    queue: String,
+    /// What the messaging runtime will run; started by [`Self::bind`].
+    messaging: RuntimeBuilder,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Platform {
-    /// Connects database and broker (each failure one clear error), migrates, and
-    /// starts the relay and the inbox cleanup.
+    /// Connects the database (one clear error when it cannot) and migrates it;
+    /// the broker is connected, and the relay and consumers started, by
+    /// [`Self::bind`].
     pub async fn start(spec: Spec, shutdown: CancellationToken) -> Result<Self, StartupError> {
         let common = spec.common;
         let pool = database::connect_and_migrate(
@@ -113,94 +99,59 @@ impl Platform {
             spec.migrations,
         )
         .await?;
-        let queue = topology::queue(spec.owner, common.retry.clone());
-        let topology = topology::for_service(spec.owner, common.retry.clone());
-        let connect = |role: &str| {
-            let mut settings = common.amqp.clone();
-            settings.connection_name = format!("{} {role}", settings.connection_name);
-            Broker::connect(settings, topology.clone())
-        };
-        let broker = connect("publish").await?;
-        let consumer_broker = match connect("consume").await {
-            Ok(b) => b,
-            Err(e) => {
-                broker.close().await;
-                return Err(e.into());
-            }
-        };
-        let publisher = Publisher::new(broker.clone(), spec.name);
-        let relay = spawn_relay(
-            pool.clone(),
-            publisher.clone(),
-            RelayOptions {
+        let messaging = Runtime::builder(pool.clone(), common.amqp.clone())
+            .app_id(spec.name)
+            .topology(topology::for_service(spec.owner, common.retry.clone()))
+            .relay(RelayOptions {
                 park_after: common.outbox_park_after,
                 ..RelayOptions::default()
-            },
-            shutdown.clone(),
-        );
-        let cleanup = messaging::inbox::spawn_cleanup(
-            pool.clone(),
-            common.inbox_retention,
-            Duration::from_secs(600),
-            shutdown.clone(),
-        );
+            })
+            .consumer_options(ConsumerOptions {
+                prefetch: common.prefetch,
+                concurrency: common.concurrency,
+                batch: common.batch,
+                handler_timeout: common.handler_timeout,
+                ..ConsumerOptions::default()
+            })
+            .inbox_retention(common.inbox_retention)
+            // connect_and_migrate ran them, outside the pool's statement timeout.
+            .migrate(false);
         Ok(Self {
             name: spec.name,
             pool,
-            broker,
-            consumer_broker,
-            publisher,
             shutdown,
             metrics: Metrics::new(),
+            queue: topology::queue(spec.owner, common.retry.clone()).name,
             common,
-            queue,
-            relay,
-            consumers: Vec::new(),
-            dlq_depths: Vec::new(),
-            tasks: vec![cleanup],
+            messaging,
+            tasks: Vec::new(),
         })
     }
 
     /// The inbox of this service's queue, for its handler's exactly-once effects.
     pub fn inbox(&self) -> Inbox {
-        Inbox::new(self.pool.clone(), self.queue.name.clone())
+        Inbox::new(self.pool.clone(), self.queue.clone())
     }
 
-    /// Starts consuming this service's queue with `handler` (prefetch and
-    /// concurrency from the config).
+    /// Consumes this service's queue with `handler` (prefetch and concurrency
+    /// from the config) once the service is bound.
     pub fn consume<H: Handler>(&mut self, handler: H) {
-        let options = ConsumerOptions {
-            prefetch: self.common.prefetch,
-            concurrency: self.common.concurrency,
-            batch: self.common.batch,
-            app_id: self.name.to_owned(),
-            handler_timeout: self.common.handler_timeout,
-            publisher: Some(self.publisher.clone()),
-            ..ConsumerOptions::default()
-        };
-        self.consumers.push(spawn_consumer(
-            self.consumer_broker.clone(),
-            self.queue.clone(),
-            options,
-            handler,
-            self.shutdown.clone(),
-        ));
-        let (depth, task) = messaging::dead_letters::watch_depth(
-            self.consumer_broker.clone(),
-            &self.queue.name,
-            DLQ_DEPTH_EVERY,
-            self.shutdown.clone(),
-        );
-        self.dlq_depths.push(depth);
-        self.tasks.push(task);
+        self.messaging = self.take_messaging().consume(self.queue.clone(), handler);
     }
 
-    /// Starts consuming this service's queue through its inbox: `handler`
-    /// applies each message exactly once, deliveries that arrive together share
-    /// one transaction (up to `CONSUMER_BATCH`).
+    /// Consumes this service's queue through its inbox: `handler` applies each
+    /// message exactly once, deliveries that arrive together share one
+    /// transaction (up to `CONSUMER_BATCH`).
     pub fn consume_inbox<H: InboxHandler>(&mut self, handler: H) {
-        let consumer = InboxConsumer::new(self.inbox(), handler);
-        self.consume(consumer);
+        self.messaging = self
+            .take_messaging()
+            .consume_inbox(self.queue.clone(), handler);
+    }
+
+    /// The runtime's builder, an empty one left in its place.
+    fn take_messaging(&mut self) -> RuntimeBuilder {
+        let empty = Runtime::builder(self.pool.clone(), self.common.amqp.clone());
+        std::mem::replace(&mut self.messaging, empty)
     }
 
     /// Runs `task` until shutdown (periodic maintenance of the service).
@@ -208,23 +159,11 @@ impl Platform {
         self.tasks.push(tokio::spawn(task));
     }
 
-    pub fn health(&self) -> Health {
-        Health {
-            pool: self.pool.clone(),
-            brokers: vec![
-                ("publish", self.broker.clone()),
-                ("consume", self.consumer_broker.clone()),
-            ],
-            consumers: self.consumers.iter().map(ConsumerHandle::probe).collect(),
-            dlq_depths: self.dlq_depths.clone(),
-            relay: Some(self.relay.probe()),
-            metrics: self.metrics.clone(),
-        }
-    }
-
-    /// Binds `HTTP_ADDR` (port 0 picks a free port) for `routes`: the service is
-    /// then ready to run.
-    pub async fn bind(self, routes: Router) -> Result<Service, StartupError> {
+    /// Connects the broker and starts the messaging runtime (relay, consumers),
+    /// then binds `HTTP_ADDR` (port 0 picks a free port) for `routes`: the
+    /// service is then ready to run.
+    pub async fn bind(mut self, routes: Router) -> Result<Service, StartupError> {
+        let runtime = self.take_messaging().start(self.shutdown.clone()).await?;
         let addr = self.common.http_addr;
         let listener = TcpListener::bind(addr)
             .await
@@ -234,6 +173,7 @@ impl Platform {
             })?;
         Ok(Service {
             platform: self,
+            runtime,
             listener,
             routes,
         })
@@ -241,9 +181,19 @@ impl Platform {
 
     /// Serves `routes` plus health and metrics until shutdown, then stops
     /// everything in order.
-    async fn serve(self, listener: TcpListener, routes: Router) -> Result<(), StartupError> {
+    async fn serve(
+        self,
+        runtime: Runtime,
+        listener: TcpListener,
+        routes: Router,
+    ) -> Result<(), StartupError> {
+        let health = Health {
+            pool: self.pool.clone(),
+            messaging: runtime.probe(),
+            metrics: self.metrics.clone(),
+        };
         let app = routes
-            .merge(self.health().router())
+            .merge(health.router())
             .fallback(problem::not_found)
             .layer(middleware::from_fn_with_state(
                 self.metrics.clone(),
@@ -275,15 +225,10 @@ impl Platform {
             .await;
         // The token may not have fired if the server failed on its own.
         self.shutdown.cancel();
-        for consumer in self.consumers {
-            consumer.join().await;
-        }
-        self.consumer_broker.close().await;
-        self.relay.join().await;
+        runtime.join().await;
         for task in self.tasks {
             let _ = task.await;
         }
-        self.broker.close().await;
         // Waits for every connection to come back; one still being returned
         // (e.g. flushing a statement abandoned at the handler deadline) must not
         // keep the process from exiting: the server rolls back what it held when
@@ -303,6 +248,7 @@ impl Platform {
 #[derive(Debug)]
 pub struct Service {
     platform: Platform,
+    runtime: Runtime,
     listener: TcpListener,
     routes: Router,
 }
@@ -314,7 +260,9 @@ impl Service {
 
     /// Serves until the shutdown token fires, then drains and stops.
     pub async fn run_until_stopped(self) -> Result<(), StartupError> {
-        self.platform.serve(self.listener, self.routes).await
+        self.platform
+            .serve(self.runtime, self.listener, self.routes)
+            .await
     }
 }
 

@@ -99,7 +99,7 @@ impl<H: Handler> Runtime<H> {
         for ((delivery, outcome), (span, attempt)) in taken.iter().zip(outcomes).zip(runs) {
             let verdict = match outcome {
                 Outcome::Ack => {
-                    span.record("shop.outcome", "ack");
+                    span.record("message.outcome", "ack");
                     acks.push(delivery);
                     continue;
                 }

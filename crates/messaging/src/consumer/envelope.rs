@@ -80,9 +80,9 @@ pub(super) fn consumer_span(message: &IncomingMessage) -> tracing::Span {
         messaging.message.id = %message.message_id,
         messaging.message.conversation_id = message.correlation_id.as_deref(),
         messaging.message.body.size = message.payload.len(),
-        shop.message_type = %message.message_type,
-        shop.attempt = message.attempt,
-        shop.outcome = Empty,
+        message.type = %message.message_type,
+        message.attempt = message.attempt,
+        message.outcome = Empty,
     )
 }
 

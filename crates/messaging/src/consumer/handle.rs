@@ -24,7 +24,8 @@ pub struct ConsumerOptions {
     /// received when a handler slot frees, so a batch never waits to fill up.
     /// 1 hands every delivery to [`Handler::handle`] alone.
     pub batch: usize,
-    /// Name stamped on moved messages and the consumer tag.
+    /// Name stamped on moved messages and the consumer tag (default: the
+    /// program's file name).
     pub app_id: String,
     /// Delay between re-subscribe attempts.
     pub backoff: Backoff,
@@ -44,7 +45,7 @@ impl Default for ConsumerOptions {
             prefetch: 32,
             concurrency: 8,
             batch: 1,
-            app_id: "shop".to_owned(),
+            app_id: crate::settings::program_name(),
             backoff: Backoff::default(),
             max_body: 1024 * 1024,
             handler_timeout: Duration::from_secs(30),

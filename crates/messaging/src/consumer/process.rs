@@ -65,7 +65,7 @@ impl<H: Handler> Runtime<H> {
                     if unavailable_after_resume < UNAVAILABLE_AFTER_RESUME =>
                 {
                     unavailable_after_resume += u32::from(waited);
-                    span.record("shop.outcome", "paused");
+                    span.record("message.outcome", "paused");
                     self.pause(&reason);
                     continue;
                 }

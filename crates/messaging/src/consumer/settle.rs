@@ -28,16 +28,16 @@ impl<H: Handler> Runtime<H> {
     ) {
         match verdict {
             Verdict::Ack => {
-                tracing::Span::current().record("shop.outcome", "ack");
+                tracing::Span::current().record("message.outcome", "ack");
                 crash_point!(CONSUMER_BEFORE_ACK);
                 self.ack(delivery, subscription).await;
             }
             Verdict::Retry(reason) if attempt < self.queue.retry.max_attempts => {
-                tracing::Span::current().record("shop.outcome", "retry");
+                tracing::Span::current().record("message.outcome", "retry");
                 self.retry(delivery, &reason, attempt, subscription).await;
             }
             Verdict::Retry(reason) => {
-                tracing::Span::current().record("shop.outcome", "dead-lettered");
+                tracing::Span::current().record("message.outcome", "dead-lettered");
                 let reason = format!("gave up after {attempt} attempts: {reason}");
                 self.dead_letter(
                     delivery,
@@ -49,7 +49,7 @@ impl<H: Handler> Runtime<H> {
                 .await;
             }
             Verdict::Reject(reason) => {
-                tracing::Span::current().record("shop.outcome", "dead-lettered");
+                tracing::Span::current().record("message.outcome", "dead-lettered");
                 self.dead_letter(
                     delivery,
                     &reason,

@@ -1,0 +1,189 @@
+//! The [`Broker`] handle: connecting at startup, and what publishers, consumers
+//! and readiness ask of the supervised connection (the current link, waiting
+//! for a live one, noticing it is lost, closing it).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use lapin::Connection;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    connect_error::ConnectError,
+    open::{declare_bounded, open},
+    supervisor::supervise,
+};
+use crate::{AmqpSettings, Heartbeat, Topology};
+
+/// The current connection, if any, and how many times it was (re)built.
+#[derive(Clone, Debug)]
+pub(crate) struct Link {
+    pub(crate) generation: u64,
+    pub(crate) connection: Option<Arc<Connection>>,
+}
+
+/// A cheap-to-clone handle on the supervised connection.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(super) struct Inner {
+    pub(super) settings: AmqpSettings,
+    pub(super) topology: Topology,
+    pub(super) link: watch::Sender<Link>,
+    pub(super) reconnects: AtomicU64,
+    pub(super) blocked: AtomicBool,
+    pub(super) shutdown: CancellationToken,
+    /// The supervisor's proof of life (liveness).
+    pub(super) heartbeat: Heartbeat,
+}
+
+impl Broker {
+    /// Connects, declares `topology`, and starts supervising the connection.
+    #[tracing::instrument(skip_all, fields(broker = %settings))]
+    pub async fn connect(settings: AmqpSettings, topology: Topology) -> Result<Self, ConnectError> {
+        let connection = open(&settings).await?;
+        declare_bounded(&settings, &connection, &topology).await?;
+        let connection = Arc::new(connection);
+        let (link, _) = watch::channel(Link {
+            generation: 1,
+            connection: Some(connection.clone()),
+        });
+        let broker = Self {
+            inner: Arc::new(Inner {
+                settings,
+                topology,
+                link,
+                reconnects: AtomicU64::new(0),
+                blocked: AtomicBool::new(false),
+                shutdown: CancellationToken::new(),
+                heartbeat: Heartbeat::default(),
+            }),
+        };
+        tokio::spawn(supervise(broker.inner.clone(), connection));
+        tracing::info!("connected to RabbitMQ");
+        Ok(broker)
+    }
+
+    pub fn settings(&self) -> &AmqpSettings {
+        &self.inner.settings
+    }
+
+    /// True while a connection is open (for readiness).
+    pub fn is_connected(&self) -> bool {
+        self.inner
+            .link
+            .borrow()
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
+    /// True while the broker blocks publishing (a memory or disk alarm).
+    pub fn is_blocked(&self) -> bool {
+        self.inner.blocked.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the broker blocks this connection (polled: the flag is set
+    /// by the supervisor from the connection's events).
+    pub(crate) async fn blocked_signal(&self) {
+        while !self.is_blocked() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The supervisor's heartbeat: it stops only if the supervisor is wedged.
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.inner.heartbeat
+    }
+
+    /// How many times the connection was rebuilt since startup.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn watch(&self) -> watch::Receiver<Link> {
+        self.inner.link.subscribe()
+    }
+
+    /// The current connection, if there is one right now.
+    pub(crate) fn current(&self) -> Link {
+        self.inner.link.borrow().clone()
+    }
+
+    /// Waits for a live connection; `None` once the broker handle was closed.
+    pub(crate) async fn connected(&self) -> Option<Link> {
+        let mut rx = self.watch();
+        loop {
+            {
+                let link = rx.borrow_and_update();
+                if link
+                    .connection
+                    .as_ref()
+                    .is_some_and(|c| c.status().connected())
+                {
+                    return Some(link.clone());
+                }
+            }
+            tokio::select! {
+                () = self.inner.shutdown.cancelled() => return None,
+                changed = rx.changed() => changed.ok()?,
+            }
+        }
+    }
+
+    /// Resolves once the connection of `generation` is gone (closed, replaced, or
+    /// the broker handle shut down). Work tied to a connection races this, since
+    /// calls on a connection that dies under them may never return.
+    pub(crate) async fn lost(&self, generation: u64) {
+        let mut rx = self.watch();
+        let mut poll = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            {
+                let link = rx.borrow_and_update();
+                let alive = link.generation == generation
+                    && link
+                        .connection
+                        .as_ref()
+                        .is_some_and(|c| c.status().connected());
+                if !alive {
+                    return;
+                }
+            }
+            tokio::select! {
+                () = self.inner.shutdown.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = poll.tick() => {}
+            }
+        }
+    }
+
+    /// Stops supervising and closes the connection. Call after consumers stopped.
+    pub async fn close(&self) {
+        self.inner.shutdown.cancel();
+        let link = self.current();
+        if let Some(connection) = link.connection
+            && connection.status().connected()
+        {
+            // Bounded: the client library can leave a close pending forever
+            // when the peer stops answering.
+            let closed = tokio::time::timeout(
+                Duration::from_secs(5),
+                connection.close(200, "shutdown".into()),
+            )
+            .await;
+            if closed.is_err() {
+                tracing::warn!("RabbitMQ connection did not close within 5 s; dropping it");
+            }
+        }
+        self.inner.link.send_modify(|l| l.connection = None);
+    }
+}

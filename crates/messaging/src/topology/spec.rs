@@ -1,0 +1,177 @@
+//! What a topology is made of, as data: the exchanges, exchange bindings and
+//! consumer queues one process declares, each queue's retry policy, and the
+//! names its DLQ and retry queues get.
+
+use std::time::Duration;
+
+/// Everything one process declares.
+#[derive(Clone, Debug, Default)]
+pub struct Topology {
+    pub exchanges: Vec<ExchangeSpec>,
+    pub exchange_bindings: Vec<ExchangeBinding>,
+    pub queues: Vec<QueueSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExchangeType {
+    Topic,
+    Fanout,
+    Direct,
+}
+
+#[derive(Clone, Debug)]
+pub struct ExchangeSpec {
+    pub name: String,
+    pub kind: ExchangeType,
+}
+
+/// `source` forwards to `destination` the messages matching `routing_key`.
+#[derive(Clone, Debug)]
+pub struct ExchangeBinding {
+    pub source: String,
+    pub destination: String,
+    pub routing_key: String,
+}
+
+/// A consumer queue with its bindings, dead-letter target and retry policy.
+#[derive(Clone, Debug)]
+pub struct QueueSpec {
+    pub name: String,
+    /// `(exchange, routing key)` pairs; a fanout exchange ignores the key.
+    pub bindings: Vec<(String, String)>,
+    /// Exchange receiving this queue's dead letters (routing key = queue name).
+    pub dead_letter_exchange: String,
+    /// Redeliveries (consumer crashes, requeues) after which the broker itself
+    /// dead-letters a message; explicit because 3.x has no default and 4.x has 20.
+    pub delivery_limit: u32,
+    pub retry: RetryPolicy,
+}
+
+/// Transient failures are retried after `delays[attempt - 1]` (the last delay is
+/// reused), until `max_attempts` handler runs have failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub delays: Vec<Duration>,
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            delays: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+            max_attempts: 5,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before handler run `attempt + 1`, after run `attempt` (1-based) failed.
+    pub fn delay_after(&self, attempt: u32) -> Option<Duration> {
+        let index = usize::try_from(attempt.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.delays.get(index).or(self.delays.last()).copied()
+    }
+}
+
+impl QueueSpec {
+    pub fn new(name: impl Into<String>, dead_letter_exchange: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            bindings: Vec::new(),
+            dead_letter_exchange: dead_letter_exchange.into(),
+            delivery_limit: 10,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    #[must_use]
+    pub fn bind(mut self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        self.bindings.push((exchange.into(), routing_key.into()));
+        self
+    }
+
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    #[must_use]
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = limit;
+        self
+    }
+
+    pub fn dlq_name(&self) -> String {
+        crate::dead_letters::dlq_name(&self.name)
+    }
+
+    /// The retry queue that holds a message for `delay`.
+    pub fn retry_queue_name(&self, delay: Duration) -> String {
+        format!("{}.retry.{}ms", self.name, delay.as_millis())
+    }
+
+    /// Every queue [`declare`](Self::declare) creates: the queue, its DLQ and its
+    /// retry queues.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut delays = self.retry.delays.clone();
+        delays.sort();
+        delays.dedup();
+        [self.name.clone(), self.dlq_name()]
+            .into_iter()
+            .chain(delays.into_iter().map(|d| self.retry_queue_name(d)))
+            .collect()
+    }
+}
+
+impl Topology {
+    /// One topic exchange, its dead-letter exchange and one queue: the smallest
+    /// topology the consumer runtime works on (tests and benchmarks).
+    pub fn single_queue(exchange: &str, dead_letter_exchange: &str, queue: QueueSpec) -> Self {
+        Self {
+            exchanges: vec![
+                ExchangeSpec {
+                    name: exchange.to_owned(),
+                    kind: ExchangeType::Topic,
+                },
+                ExchangeSpec {
+                    name: dead_letter_exchange.to_owned(),
+                    kind: ExchangeType::Direct,
+                },
+            ],
+            exchange_bindings: vec![],
+            queues: vec![queue],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{QueueSpec, RetryPolicy};
+
+    #[test]
+    fn retry_delay_grows_then_repeats_the_last() {
+        let policy = RetryPolicy {
+            delays: vec![Duration::from_millis(10), Duration::from_millis(50)],
+            max_attempts: 5,
+        };
+        assert_eq!(policy.delay_after(1), Some(Duration::from_millis(10)));
+        assert_eq!(policy.delay_after(2), Some(Duration::from_millis(50)));
+        assert_eq!(policy.delay_after(4), Some(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn names_derive_from_the_queue() {
+        let q = QueueSpec::new("inventory.order-events", "shop.dlx");
+        assert_eq!(q.dlq_name(), "inventory.order-events.dlq");
+        assert_eq!(
+            q.retry_queue_name(Duration::from_secs(5)),
+            "inventory.order-events.retry.5000ms"
+        );
+    }
+}

@@ -1,6 +1,8 @@
 //! Test support shared by the integration and end-to-end suites (never linked
-//! into a service): a TCP proxy that can sever and refuse connections, unique
-//! names so tests run in parallel, and waiting for a condition with a deadline.
+//! into a service): a TCP proxy that can sever, refuse, delay and stall
+//! connections, a TLS proxy in front of a plain server, scratch databases
+//! ([`TestDb`], dropped also when a test fails), unique names so tests run in
+//! parallel, and waiting for a condition with a deadline.
 
 mod database;
 mod proxy;

@@ -18,7 +18,7 @@ pub(super) fn producer_span(message: &OutgoingMessage) -> tracing::Span {
         messaging.message.id = %message.message_id,
         messaging.message.conversation_id = message.correlation_id.as_deref(),
         messaging.message.body.size = message.payload.len(),
-        shop.message_type = %message.message_type,
+        message.type = %message.message_type,
         error.type = Empty,
     )
 }

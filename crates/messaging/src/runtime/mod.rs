@@ -97,8 +97,9 @@ impl RuntimeBuilder {
         self
     }
 
-    /// The name stamped as `app_id` on every published message and in the
-    /// connections' names (default: the program's file name).
+    /// The name stamped as `app_id` on every published message (default: the
+    /// program's file name). The connections are named after
+    /// [`AmqpSettings::connection_name`] and their role.
     #[must_use]
     pub fn app_id(mut self, app_id: impl Into<String>) -> Self {
         self.app_id = app_id.into();
@@ -199,7 +200,7 @@ impl RuntimeBuilder {
         }
         let connect = |role: &str| {
             let mut settings = self.amqp.clone();
-            settings.connection_name = format!("{} {role}", self.app_id);
+            settings.connection_name = format!("{} {role}", self.amqp.connection_name);
             Broker::connect(settings, self.topology.clone())
         };
         let publish = connect("publish").await?;

@@ -24,7 +24,7 @@ pub struct Common {
     /// Deliveries that arrived together handled in one transaction (`CONSUMER_BATCH`).
     pub batch: usize,
     pub db_pool_size: u32,
-    pub inbox_retention: std::time::Duration,
+    pub inbox_retention: Duration,
     /// Server-side bound of one statement (`DATABASE_STATEMENT_TIMEOUT`); twice
     /// it (at least 30 s) bounds a transaction left idle.
     pub statement_timeout: Duration,
@@ -71,6 +71,9 @@ impl Common {
                 reason: "0 (at least one attempt)".into(),
             });
         }
+        // Few slots, large batches: deliveries pile up while the slots are
+        // busy, and a batch costs one transaction (BENCHMARKS.md measures 1, 2,
+        // 4 and 16). Two, so one slow message never holds up the queue.
         let concurrency = parsed(env, "CONSUMER_CONCURRENCY", 2usize)?;
         let batch = parsed(env, "CONSUMER_BATCH", 32usize)?;
         for (name, value) in [
@@ -91,13 +94,10 @@ impl Common {
             log_format: log_format(env)?,
             retry: retry_policy(env)?,
             prefetch: parsed(env, "AMQP_PREFETCH", 64)?,
-            // Few slots, large batches: deliveries pile up while the slots are
-            // busy, and a batch costs one transaction (BENCHMARKS.md measures 1, 2,
-            // 4 and 16). Two, so one slow message never holds up the queue.
             concurrency,
             batch,
             db_pool_size: parsed(env, "DATABASE_POOL_SIZE", 20)?,
-            inbox_retention: std::time::Duration::from_secs(7 * 24 * 3600),
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
             statement_timeout: duration(
                 env,
                 "DATABASE_STATEMENT_TIMEOUT",

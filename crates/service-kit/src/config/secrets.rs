@@ -27,7 +27,7 @@ pub fn secret(
             }
             Ok(value)
         }
-        None => required(env, name).map_err(|_| ConfigError::Missing(name)),
+        None => required(env, name),
     }
 }
 

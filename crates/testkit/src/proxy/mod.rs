@@ -6,8 +6,9 @@
 //! for a while before forwarding it (a slow link, so a test can act between
 //! two of a client's requests).
 //!
-//! Connections opened while nothing is armed are plain byte copies; only those
-//! opened while a stall is armed follow the client's AMQP frames.
+//! How a connection copies is fixed when it opens: with a client delay armed,
+//! a delayed copy (a stall armed as well never fires on it); else, with a stall
+//! armed, a copy that follows the client's AMQP frames; else a plain byte copy.
 //!
 //! [`TlsProxy`] is the other proxy here: it terminates TLS for a plain upstream.
 //!

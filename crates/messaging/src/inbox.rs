@@ -48,12 +48,8 @@ impl Inbox {
 
     /// Whether the database answers a trivial query (the probe of a consumer
     /// paused by an outage).
-    pub async fn ping(&self) -> Result<(), String> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map(drop)
-            .map_err(|e| format!("database: {e}"))
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(drop)
     }
 
     /// Runs `work` once per message id. On `Err` nothing of it persists (nor the

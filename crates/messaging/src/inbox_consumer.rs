@@ -222,6 +222,9 @@ impl<H: InboxHandler> Handler for InboxConsumer<H> {
 
     /// Asked while the consumer is paused after an outage: the database answers.
     async fn ready(&self) -> Result<(), String> {
-        self.inbox.ping().await
+        self.inbox
+            .ping()
+            .await
+            .map_err(|e| format!("database: {e}"))
     }
 }

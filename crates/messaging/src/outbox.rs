@@ -95,8 +95,9 @@ pub async fn enqueue(tx: &mut PgConnection, message: NewMessage) -> Result<Uuid,
 }
 
 /// A row the relay claimed: its `seq`, and the message to publish or why the
-/// row cannot be read.
-pub(crate) type Claimed = (i64, Result<OutgoingMessage, String>);
+/// row cannot be read (a column that does not decode, e.g. headers that are
+/// not a string map).
+pub(crate) type Claimed = (i64, Result<OutgoingMessage, sqlx::Error>);
 
 /// Marks up to `limit` ready rows published in the caller's transaction (rows
 /// other transactions hold are skipped, so relays take disjoint rows) and
@@ -123,7 +124,7 @@ pub(crate) async fn claim(tx: &mut PgConnection, limit: i64) -> Result<Vec<Claim
     rows.iter()
         .map(|row| {
             let seq: i64 = row.try_get("seq")?;
-            Ok((seq, to_message(row).map_err(|e| e.to_string())))
+            Ok((seq, to_message(row)))
         })
         .collect()
 }

@@ -46,8 +46,14 @@ impl<H: Handler> Runtime<H> {
                 }
                 Err(reason) => {
                     tracing::warn!(queue = %self.queue.name, %reason, "poison message; dead-lettering");
-                    self.dead_letter(&delivery, &reason, 0, DeathClass::Poison, subscription)
-                        .await;
+                    self.dead_letter(
+                        &delivery,
+                        &reason.to_string(),
+                        0,
+                        DeathClass::Poison,
+                        subscription,
+                    )
+                    .await;
                 }
             }
         }

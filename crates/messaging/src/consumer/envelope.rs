@@ -9,28 +9,39 @@ use tracing::field::Empty;
 use super::{Handler, IncomingMessage, Runtime, headers};
 use crate::propagation;
 
+/// Why a delivery is poison: it lacks what every message must carry, so no
+/// handler is asked and it is dead-lettered at once.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum EnvelopeError {
+    #[error("missing message_id")]
+    MissingMessageId,
+    #[error("missing type")]
+    MissingType,
+    #[error("body of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+}
+
 impl<H: Handler> Runtime<H> {
     /// Checks what every message must carry; a failure is permanent.
-    pub(super) fn envelope(&self, delivery: &Delivery) -> Result<IncomingMessage, String> {
+    pub(super) fn envelope(&self, delivery: &Delivery) -> Result<IncomingMessage, EnvelopeError> {
         let properties = &delivery.properties;
         let message_id = properties
             .message_id()
             .as_ref()
             .map(|s| s.as_str().to_owned())
             .filter(|s| !s.is_empty())
-            .ok_or("missing message_id")?;
+            .ok_or(EnvelopeError::MissingMessageId)?;
         let message_type = properties
             .kind()
             .as_ref()
             .map(|s| s.as_str().to_owned())
             .filter(|s| !s.is_empty())
-            .ok_or("missing type")?;
+            .ok_or(EnvelopeError::MissingType)?;
         if delivery.data.len() > self.options.max_body {
-            return Err(format!(
-                "body of {} bytes exceeds the limit of {} bytes",
-                delivery.data.len(),
-                self.options.max_body
-            ));
+            return Err(EnvelopeError::TooLarge {
+                size: delivery.data.len(),
+                limit: self.options.max_body,
+            });
         }
         let headers = properties.headers().clone().unwrap_or_default();
         let retried = header_u32(&headers, headers::RETRY_COUNT).unwrap_or(0);

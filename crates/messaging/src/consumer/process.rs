@@ -34,8 +34,14 @@ impl<H: Handler> Runtime<H> {
                 Ok(message) => message,
                 Err(reason) => {
                     tracing::warn!(queue = %self.queue.name, %reason, "poison message; dead-lettering");
-                    self.dead_letter(delivery, &reason, 0, DeathClass::Poison, subscription)
-                        .await;
+                    self.dead_letter(
+                        delivery,
+                        &reason.to_string(),
+                        0,
+                        DeathClass::Poison,
+                        subscription,
+                    )
+                    .await;
                     return;
                 }
             };

@@ -109,13 +109,7 @@ pub enum DeadLetterError {
     )]
     Unreadable { dlq: String, timeout: Duration },
     #[error("RabbitMQ: {0}")]
-    Broker(String),
-}
-
-impl From<lapin::Error> for DeadLetterError {
-    fn from(error: lapin::Error) -> Self {
-        Self::Broker(error.to_string())
-    }
+    Broker(#[from] lapin::Error),
 }
 
 /// One message of a DLQ, as the runtime (or the broker) dead-lettered it.

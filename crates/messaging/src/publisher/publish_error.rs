@@ -30,8 +30,10 @@ pub enum PublishError {
     ConfirmTimeout(Duration),
     #[error("not sent: an earlier message of the batch could not be sent")]
     NotSent,
+    /// The client library failed otherwise (connection lost mid-publish, an
+    /// I/O error): the message's fate is unknown, so it is sent again.
     #[error("publish failed: {0}")]
-    Broker(String),
+    Broker(#[source] lapin::Error),
 }
 
 impl PublishError {
@@ -61,6 +63,6 @@ impl PublishError {
                 text: amqp.get_message().to_string(),
             };
         }
-        Self::Broker(error.to_string())
+        Self::Broker(error.clone())
     }
 }

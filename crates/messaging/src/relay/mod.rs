@@ -231,28 +231,16 @@ pub fn spawn_relay(
 }
 
 /// Why a round stopped early.
+#[derive(Debug, thiserror::Error)]
 enum RoundError {
-    Database(sqlx::Error),
-    Broker(PublishError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("broker: {0}")]
+    Broker(#[source] PublishError),
     /// No round was started: the publish connection is down or blocked.
-    Waiting(PublishError),
+    #[error("broker: {0}")]
+    Waiting(#[source] PublishError),
     #[cfg(feature = "testing")]
+    #[error("injected failure after confirm")]
     Injected,
-}
-
-impl std::fmt::Display for RoundError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Database(e) => write!(f, "database: {e}"),
-            Self::Broker(e) | Self::Waiting(e) => write!(f, "broker: {e}"),
-            #[cfg(feature = "testing")]
-            Self::Injected => write!(f, "injected failure after confirm"),
-        }
-    }
-}
-
-impl From<sqlx::Error> for RoundError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Database(e)
-    }
 }

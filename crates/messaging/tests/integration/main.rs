@@ -7,6 +7,7 @@
 mod batch;
 mod consume;
 mod dead_letters;
+mod fixture;
 mod inbox;
 mod outbox;
 mod parked;

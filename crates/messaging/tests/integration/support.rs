@@ -237,12 +237,14 @@ pub fn consumer_options() -> ConsumerOptions {
 /// further broker connection the test starts through it, all stopped by one
 /// shutdown token.
 ///
-/// [`without_database`]: Fixture::without_database
-///
 /// A test ends with [`Fixture::finish`]. One that panics before leaves nothing
 /// behind either: `Drop` stops what runs, closes the connections and deletes
 /// the exchanges and queues (retry queues and DLQ included), and the database
-/// goes with [`testkit::TestDb`]'s own `Drop`.
+/// goes with [`testkit::TestDb`]'s own `Drop`. Tests run on the multi-thread
+/// runtime: on a current-thread one the relays and consumers cannot stop while
+/// `Drop` waits for them, and it gives up on them after 10 s.
+///
+/// [`without_database`]: Fixture::without_database
 pub struct Fixture {
     pub names: Names,
     /// The connection the fixture's relays and consumers use unless told

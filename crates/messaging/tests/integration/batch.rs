@@ -14,11 +14,10 @@ use std::{
 use lapin::{BasicProperties, options::BasicPublishOptions, types::FieldTable};
 use messaging::{
     ApplyError, BoxFuture, Broker, ConsumerOptions, InboxConsumer, InboxHandler, IncomingMessage,
-    Outcome, OutgoingMessage, Publisher, consumer::header_str, consumer::headers, spawn_consumer,
+    Outcome, OutgoingMessage, Publisher, consumer::header_str, consumer::headers,
 };
-use tokio_util::sync::CancellationToken;
 
-use crate::support::{self, Names};
+use crate::support::{self, Fixture};
 
 /// Applies a message as a row in `effects` stamped with its transaction id.
 /// A body `undecodable` fails decoding, a body `refused` fails applying for
@@ -147,15 +146,13 @@ impl InboxHandler for Shared {
     }
 }
 
-/// Consumes the test queue with `handler` through an inbox, one batch of up to
-/// 32 at a time.
+/// Consumes the test queue through `broker` with `handler` through an inbox,
+/// one batch of up to 32 at a time.
 fn consume_in_batches(
-    broker: &Broker,
-    names: &Names,
-    db: &testkit::TestDb,
+    fixture: &mut Fixture,
+    broker: Broker,
     handler: &Arc<Effects>,
-    shutdown: &CancellationToken,
-) -> messaging::ConsumerHandle {
+) -> messaging::ConsumerProbe {
     let options = ConsumerOptions {
         prefetch: 64,
         concurrency: 1,
@@ -163,28 +160,24 @@ fn consume_in_batches(
         app_id: "test".into(),
         ..Default::default()
     };
-    spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
+    let inbox = messaging::Inbox::new(fixture.pool().clone(), "batch");
+    fixture.consume_on(
+        broker,
+        InboxConsumer::new(inbox, Shared(handler.clone())),
         options,
-        InboxConsumer::new(
-            messaging::Inbox::new(db.pool.clone(), "batch"),
-            Shared(handler.clone()),
-        ),
-        shutdown.clone(),
     )
 }
 
 /// Publishes `body` with message id `id` to the test exchange, confirmed.
-async fn publish(publisher: &Publisher, names: &Names, id: &str, body: &[u8]) {
-    let mut message = OutgoingMessage::new(&names.exchange, "k", "t", body.to_vec());
+async fn publish(publisher: &Publisher, fixture: &Fixture, id: &str, body: &[u8]) {
+    let mut message = OutgoingMessage::new(&fixture.names.exchange, "k", "t", body.to_vec());
     message.message_id = id.to_owned();
     publisher.publish(&message).await.expect("publish");
 }
 
-async fn effects(db: &testkit::TestDb) -> (i64, i64) {
+async fn effects(fixture: &Fixture) -> (i64, i64) {
     sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM effects")
-        .fetch_one(&db.pool)
+        .fetch_one(fixture.pool())
         .await
         .expect("effects")
 }
@@ -225,95 +218,91 @@ async fn a_batch_records_each_message_id_once_and_says_which_are_new() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_arriving_together_share_transactions_and_a_duplicate_in_a_batch_applies_once() {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let publisher = Publisher::new(broker.clone(), "test");
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
+    let publisher = fixture.publisher();
     // 60 distinct messages, every third one published twice in a row: the
     // copies arrive together, mostly in one batch.
     let mut published = 0;
     for n in 0..60 {
         let id = format!("m-{n:02}");
-        publish(&publisher, &names, &id, b"ok").await;
+        publish(&publisher, &fixture, &id, b"ok").await;
         published += 1;
         if n % 3 == 0 {
-            publish(&publisher, &names, &id, b"ok").await;
+            publish(&publisher, &fixture, &id, b"ok").await;
             published += 1;
         }
     }
     let handler = Arc::new(Effects::default());
-    let shutdown = CancellationToken::new();
-    let consumer = consume_in_batches(&broker, &names, &db, &handler, &shutdown);
-    let stats = consumer.stats();
+    let broker = fixture.broker.clone();
+    let stats = consume_in_batches(&mut fixture, broker, &handler).stats;
     testkit::wait_until("every delivery acked", Duration::from_secs(20), || async {
         stats.acked.load(Ordering::SeqCst) == published
     })
     .await;
 
-    assert_eq!(effects(&db).await, (60, 60), "each message applied once");
+    assert_eq!(
+        effects(&fixture).await,
+        (60, 60),
+        "each message applied once"
+    );
     let transactions = handler.transactions();
     assert!(
         transactions < 60,
         "messages that were ready together shared transactions ({transactions} for 60)"
     );
-    shutdown.cancel();
-    consumer.join().await;
-    let (_conn, ch) = support::raw_channel().await;
-    assert_eq!(support::ready(&ch, &names.queue.name).await, 0);
-    assert_eq!(support::ready(&ch, &names.queue.dlq_name()).await, 0);
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.stop().await;
+    assert_eq!(fixture.ready().await, 0);
+    assert_eq!(fixture.dlq_ready().await, 0);
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_messages_in_a_batch_are_dead_lettered_alone_and_the_rest_is_applied_once() {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let publisher = Publisher::new(broker.clone(), "test");
-    let (_conn, ch) = support::raw_channel().await;
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
+    let publisher = fixture.publisher();
     for n in 0..30 {
-        publish(&publisher, &names, &format!("good-{n:02}"), b"ok").await;
+        publish(&publisher, &fixture, &format!("good-{n:02}"), b"ok").await;
         match n {
-            10 => publish(&publisher, &names, "undecodable", b"undecodable").await,
-            15 => publish(&publisher, &names, "refused", b"refused").await,
+            10 => publish(&publisher, &fixture, "undecodable", b"undecodable").await,
+            15 => publish(&publisher, &fixture, "refused", b"refused").await,
             // No message id: the runtime dead-letters it before any handler.
             20 => {
-                ch.basic_publish(
-                    names.exchange.as_str().into(),
-                    "k".into(),
-                    BasicPublishOptions::default(),
-                    b"no id",
-                    BasicProperties::default()
-                        .with_type("t".into())
-                        .with_headers(FieldTable::default()),
-                )
-                .await
-                .expect("publish")
-                .await
-                .expect("confirm");
+                fixture
+                    .channel()
+                    .basic_publish(
+                        fixture.names.exchange.as_str().into(),
+                        "k".into(),
+                        BasicPublishOptions::default(),
+                        b"no id",
+                        BasicProperties::default()
+                            .with_type("t".into())
+                            .with_headers(FieldTable::default()),
+                    )
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("confirm");
             }
             _ => {}
         }
     }
     let handler = Arc::new(Effects::default());
-    let shutdown = CancellationToken::new();
-    let consumer = consume_in_batches(&broker, &names, &db, &handler, &shutdown);
-    let dlq = names.queue.dlq_name();
+    let broker = fixture.broker.clone();
+    consume_in_batches(&mut fixture, broker, &handler);
     testkit::wait_until(
         "three dead letters and thirty effects",
         Duration::from_secs(20),
-        || async { support::ready(&ch, &dlq).await == 3 && effects(&db).await.1 == 30 },
+        || async { fixture.dlq_ready().await == 3 && effects(&fixture).await.1 == 30 },
     )
     .await;
 
     assert_eq!(
-        effects(&db).await,
+        effects(&fixture).await,
         (30, 30),
         "each good message applied once"
     );
     let mut reasons = Vec::new();
-    while let Some(letter) = support::get(&ch, &dlq).await {
+    while let Some(letter) = fixture.get_dead().await {
         let letter_headers = letter
             .delivery
             .properties
@@ -334,24 +323,20 @@ async fn bad_messages_in_a_batch_are_dead_lettered_alone_and_the_rest_is_applied
             ("rejected".to_owned(), "undecodable payload".to_owned()),
         ]
     );
-    shutdown.cancel();
-    consumer.join().await;
-    assert_eq!(support::ready(&ch, &names.queue.name).await, 0);
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.stop().await;
+    assert_eq!(fixture.ready().await, 0);
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_lost_between_a_batch_commit_and_its_ack_redelivers_it_and_applies_nothing_twice()
  {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let publisher_broker = support::broker(&names).await;
-    let publisher = Publisher::new(publisher_broker.clone(), "test");
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
+    let publisher = fixture.publisher();
     for n in 0..80 {
-        publish(&publisher, &names, &format!("m-{n:02}"), b"ok").await;
+        publish(&publisher, &fixture, &format!("m-{n:02}"), b"ok").await;
     }
-    let (proxy, broker) = support::proxied_broker(&names, |_| {}).await;
+    let (proxy, broker) = fixture.proxied_broker(|_| {}).await;
     let handler = Arc::new(Effects {
         cut: Some(Cut {
             proxy,
@@ -360,17 +345,14 @@ async fn a_connection_lost_between_a_batch_commit_and_its_ack_redelivers_it_and_
         }),
         ..Effects::default()
     });
-    let shutdown = CancellationToken::new();
-    let consumer = consume_in_batches(&broker, &names, &db, &handler, &shutdown);
-    let (_conn, ch) = support::raw_channel().await;
+    consume_in_batches(&mut fixture, broker, &handler);
     testkit::wait_until(
         "every message applied after the cut",
         Duration::from_secs(30),
-        || async { effects(&db).await.1 == 80 },
+        || async { effects(&fixture).await.1 == 80 },
     )
     .await;
-    shutdown.cancel();
-    consumer.join().await;
+    fixture.stop().await;
 
     let cut = handler.cut.as_ref().expect("cut");
     assert!(
@@ -384,13 +366,8 @@ async fn a_connection_lost_between_a_batch_commit_and_its_ack_redelivers_it_and_
         redelivered > 1,
         "the cut batch came back ({redelivered} messages seen twice)"
     );
-    assert_eq!(effects(&db).await, (80, 80), "nothing applied twice");
-    assert_eq!(
-        support::ready(&ch, &names.queue.name).await,
-        0,
-        "every message acked in the end"
-    );
-    assert_eq!(support::ready(&ch, &names.queue.dlq_name()).await, 0);
-    names.cleanup().await;
-    db.drop_db().await;
+    assert_eq!(effects(&fixture).await, (80, 80), "nothing applied twice");
+    assert_eq!(fixture.ready().await, 0, "every message acked in the end");
+    assert_eq!(fixture.dlq_ready().await, 0);
+    fixture.finish().await;
 }

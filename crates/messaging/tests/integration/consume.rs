@@ -8,12 +8,11 @@ use std::{
 
 use lapin::{BasicProperties, options::BasicPublishOptions, types::FieldTable};
 use messaging::{
-    ConsumerOptions, Handler, IncomingMessage, Outcome, OutgoingMessage, Publisher,
-    consumer::header_str, consumer::header_u32, consumer::headers, spawn_consumer,
+    ConsumerOptions, Handler, IncomingMessage, Outcome, OutgoingMessage, consumer::header_str,
+    consumer::header_u32, consumer::headers,
 };
-use tokio_util::sync::CancellationToken;
 
-use crate::support::{self, Log, Names};
+use crate::support::{self, Fixture, Log};
 
 /// Fails with `Retry` for the first `failures` runs of each message, then acks.
 struct Flaky {
@@ -56,32 +55,18 @@ fn options() -> ConsumerOptions {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_handler_failing_transiently_twice_then_succeeding_processes_once_after_growing_delays() {
-    let names = Names::new(support::fast_retry(5));
-    let broker = support::broker(&names).await;
+    let mut fixture = Fixture::without_database(support::fast_retry(5)).await;
     let runs = support::log();
     let done = Arc::new(AtomicU32::new(0));
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        options(),
+    fixture.consume(
         Flaky {
             failures: 2,
             runs: runs.clone(),
             done: done.clone(),
         },
-        shutdown.clone(),
+        options(),
     );
-    let publisher = Publisher::new(broker.clone(), "test");
-    publisher
-        .publish(&OutgoingMessage::new(
-            &names.exchange,
-            "k",
-            "t",
-            b"x".to_vec(),
-        ))
-        .await
-        .expect("publish");
+    fixture.publish("k", b"x").await;
 
     testkit::wait_until(
         "success after two retries",
@@ -101,40 +86,30 @@ async fn a_handler_failing_transiently_twice_then_succeeding_processes_once_afte
         runs[2].1 - runs[1].1 >= Duration::from_millis(400),
         "second retry waited longer"
     );
-    shutdown.cancel();
-    consumer.join().await;
-    let (_conn, ch) = support::raw_channel().await;
-    assert_eq!(support::ready(&ch, &names.queue.dlq_name()).await, 0);
+    fixture.stop().await;
+    assert_eq!(fixture.dlq_ready().await, 0);
     assert_eq!(done.load(Ordering::SeqCst), 1, "processed exactly once");
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_handler_always_failing_dead_letters_after_the_configured_attempts_with_the_count() {
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
+    let mut fixture = Fixture::without_database(support::fast_retry(3)).await;
     let runs = support::log();
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        options(),
+    fixture.consume(
         Flaky {
             failures: u32::MAX,
             runs: runs.clone(),
             done: Arc::new(AtomicU32::new(0)),
         },
-        shutdown.clone(),
+        options(),
     );
-    let publisher = Publisher::new(broker.clone(), "test");
-    let message = OutgoingMessage::new(&names.exchange, "order.placed", "t", b"x".to_vec());
-    publisher.publish(&message).await.expect("publish");
+    let message = fixture.publish("order.placed", b"x").await;
 
-    let (_conn, ch) = support::raw_channel().await;
     let dead = testkit::wait_for(
         "the message in the DLQ",
         Duration::from_secs(10),
-        || async { support::get(&ch, &names.queue.dlq_name()).await },
+        || async { fixture.get_dead().await },
     )
     .await;
 
@@ -159,40 +134,32 @@ async fn a_handler_always_failing_dead_letters_after_the_configured_attempts_wit
         "the same message id"
     );
     assert_eq!(runs.lock().expect("log").len(), 3, "no run after giving up");
-    shutdown.cancel();
-    consumer.join().await;
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_goes_to_the_dlq_at_once_with_a_reason() {
-    let names = Names::new(support::fast_retry(5));
-    let broker = support::broker(&names).await;
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        options(),
-        Rejects,
-        shutdown.clone(),
-    );
-    let (_conn, ch) = support::raw_channel().await;
+    let mut fixture = Fixture::without_database(support::fast_retry(5)).await;
+    let consumer = fixture.consume(Rejects, options());
     // No message id and no type: rejected by the runtime before any handler.
-    ch.basic_publish(
-        names.exchange.as_str().into(),
-        "k".into(),
-        BasicPublishOptions::default(),
-        b"\xff\xfe garbage",
-        BasicProperties::default().with_headers(FieldTable::default()),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm");
+    fixture
+        .channel()
+        .basic_publish(
+            fixture.names.exchange.as_str().into(),
+            "k".into(),
+            BasicPublishOptions::default(),
+            b"\xff\xfe garbage",
+            BasicProperties::default().with_headers(FieldTable::default()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
     // A well-formed envelope that the handler finds undecodable.
-    Publisher::new(broker.clone(), "test")
+    fixture
+        .publisher()
         .publish(&OutgoingMessage::new(
-            &names.exchange,
+            &fixture.names.exchange,
             "k",
             "shop.Unknown",
             b"?".to_vec(),
@@ -205,7 +172,7 @@ async fn poison_goes_to_the_dlq_at_once_with_a_reason() {
         let dead = testkit::wait_for(
             "a poison message in the DLQ",
             Duration::from_secs(10),
-            || async { support::get(&ch, &names.queue.dlq_name()).await },
+            || async { fixture.get_dead().await },
         )
         .await;
         let headers = dead.delivery.properties.headers().clone().expect("headers");
@@ -219,16 +186,14 @@ async fn poison_goes_to_the_dlq_at_once_with_a_reason() {
             "undecodable payload of shop.Unknown".to_owned()
         ]
     );
-    let stats = consumer.stats();
+    let stats = consumer.stats;
     // The counter moves just after the broker confirmed the DLQ copy.
     testkit::wait_until("both counted", Duration::from_secs(10), || async {
         stats.dead_lettered.load(Ordering::Relaxed) == 2
     })
     .await;
     assert_eq!(stats.retried.load(Ordering::Relaxed), 0, "never retried");
-    shutdown.cancel();
-    consumer.join().await;
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 /// Holds each message for a while, so shutdown finds handlers in flight.
@@ -248,14 +213,13 @@ impl Handler for Slow {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_lets_in_flight_handlers_finish_and_ack_and_leaves_the_rest_queued() {
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let publisher = Publisher::new(broker.clone(), "test");
+    let mut fixture = Fixture::without_database(support::fast_retry(3)).await;
     let batch: Vec<_> = (0..10)
-        .map(|_| OutgoingMessage::new(&names.exchange, "k", "t", b"x".to_vec()))
+        .map(|_| OutgoingMessage::new(&fixture.names.exchange, "k", "t", b"x".to_vec()))
         .collect();
     assert!(
-        publisher
+        fixture
+            .publisher()
             .publish_batch(&batch)
             .await
             .iter()
@@ -263,29 +227,24 @@ async fn shutdown_lets_in_flight_handlers_finish_and_ack_and_leaves_the_rest_que
     );
     let started = Arc::new(AtomicU32::new(0));
     let finished = Arc::new(AtomicU32::new(0));
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
+    fixture.consume(
+        Slow {
+            started: started.clone(),
+            finished: finished.clone(),
+        },
         ConsumerOptions {
             prefetch: 10,
             concurrency: 4,
             app_id: "test".into(),
             ..Default::default()
         },
-        Slow {
-            started: started.clone(),
-            finished: finished.clone(),
-        },
-        shutdown.clone(),
     );
     testkit::wait_until("four handlers running", Duration::from_secs(10), || async {
         started.load(Ordering::SeqCst) == 4
     })
     .await;
 
-    shutdown.cancel();
-    consumer.join().await;
+    fixture.stop().await;
 
     assert_eq!(
         finished.load(Ordering::SeqCst),
@@ -293,15 +252,14 @@ async fn shutdown_lets_in_flight_handlers_finish_and_ack_and_leaves_the_rest_que
         "every started handler finished"
     );
     let stats_acked = 4;
-    let (_conn, ch) = support::raw_channel().await;
     // The four in flight were acked; the six prefetched but not started are back.
     testkit::wait_until(
         "the unstarted messages requeued",
         Duration::from_secs(10),
-        || async { support::ready(&ch, &names.queue.name).await == 10 - stats_acked },
+        || async { fixture.ready().await == 10 - stats_acked },
     )
     .await;
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 /// Records whether each message arrived with a valid parent trace context.
@@ -318,18 +276,10 @@ impl Handler for TraceSeen {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_traceparent_never_fails_the_message() {
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
+    let mut fixture = Fixture::without_database(support::fast_retry(3)).await;
     let seen = support::log();
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        options(),
-        TraceSeen(seen.clone()),
-        shutdown.clone(),
-    );
-    let mut message = OutgoingMessage::new(&names.exchange, "k", "t", b"x".to_vec());
+    let consumer = fixture.consume(TraceSeen(seen.clone()), options());
+    let mut message = OutgoingMessage::new(&fixture.names.exchange, "k", "t", b"x".to_vec());
     // Published with a raw client so the publisher does not overwrite the header.
     let mut headers = FieldTable::default();
     headers.insert(
@@ -337,21 +287,22 @@ async fn a_malformed_traceparent_never_fails_the_message() {
         lapin::types::AMQPValue::LongString("00-garbage-!!-zz".into()),
     );
     message.headers = headers.clone();
-    let (_conn, ch) = support::raw_channel().await;
-    ch.basic_publish(
-        names.exchange.as_str().into(),
-        "k".into(),
-        BasicPublishOptions::default(),
-        b"x",
-        BasicProperties::default()
-            .with_message_id(uuid::Uuid::new_v4().to_string().into())
-            .with_type("t".into())
-            .with_headers(headers),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm");
+    fixture
+        .channel()
+        .basic_publish(
+            fixture.names.exchange.as_str().into(),
+            "k".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default()
+                .with_message_id(uuid::Uuid::new_v4().to_string().into())
+                .with_type("t".into())
+                .with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
 
     testkit::wait_until("the message handled", Duration::from_secs(10), || async {
         !seen.lock().expect("log").is_empty()
@@ -364,13 +315,11 @@ async fn a_malformed_traceparent_never_fails_the_message() {
         "handled, as a new trace"
     );
     // The handler logs before the runtime acks: wait for the ack, do not race it.
-    let stats = consumer.stats();
+    let stats = consumer.stats;
     testkit::wait_until("the message acked", Duration::from_secs(10), || async {
         stats.acked.load(Ordering::Relaxed) == 1
     })
     .await;
-    assert_eq!(support::ready(&ch, &names.queue.dlq_name()).await, 0);
-    shutdown.cancel();
-    consumer.join().await;
-    names.cleanup().await;
+    assert_eq!(fixture.dlq_ready().await, 0);
+    fixture.finish().await;
 }

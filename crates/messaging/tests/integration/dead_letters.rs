@@ -10,13 +10,12 @@ use std::{
 };
 
 use messaging::{
-    ConsumerHandle, ConsumerOptions, DeadLetterError, DeadLetters, DeathClass, Handler, Inbox,
-    IncomingMessage, Outcome, OutgoingMessage, Publisher, Selection, spawn_consumer,
+    ConsumerOptions, ConsumerProbe, DeadLetterError, DeadLetters, DeathClass, Handler, Inbox,
+    IncomingMessage, Outcome, OutgoingMessage, Selection,
 };
 use opentelemetry::trace::TraceContextExt;
-use tokio_util::sync::CancellationToken;
 
-use crate::support::{self, Log, Names};
+use crate::support::{self, Fixture, Log, Names};
 
 /// Rejects every message while `broken`, then acks; logs what it acked.
 struct Switch {
@@ -64,39 +63,35 @@ fn serial() -> ConsumerOptions {
     }
 }
 
-struct Fixture {
-    names: Names,
+/// A queue whose consumer dead-letters everything until it is mended, and a
+/// [`DeadLetters`] client to read, redrive and purge the DLQ with.
+struct DeadLettered {
+    app: Fixture,
     broken: Arc<AtomicBool>,
     acked: Log<Seen>,
-    consumer: Option<ConsumerHandle>,
-    shutdown: CancellationToken,
+    consumer: ConsumerProbe,
     dead_letters: DeadLetters,
 }
 
-impl Fixture {
+impl DeadLettered {
     /// A consumer that dead-letters `count` published messages; returns their
     /// ids in publishing order once all are in the DLQ.
     async fn with_dead_letters(count: usize) -> (Self, Vec<String>) {
-        let names = Names::new(support::fast_retry(2));
-        let broker = support::broker(&names).await;
+        let mut app = Fixture::without_database(support::fast_retry(2)).await;
         let broken = Arc::new(AtomicBool::new(true));
         let acked = support::log();
-        let shutdown = CancellationToken::new();
-        let consumer = spawn_consumer(
-            broker.clone(),
-            names.queue.clone(),
-            serial(),
+        let consumer = app.consume(
             Switch {
                 broken: broken.clone(),
                 acked: acked.clone(),
             },
-            shutdown.clone(),
+            serial(),
         );
-        let publisher = Publisher::new(broker.clone(), "test");
+        let publisher = app.publisher();
         let mut ids = Vec::new();
         for i in 0..count {
             let message = OutgoingMessage::new(
-                &names.exchange,
+                &app.names.exchange,
                 format!("order.e{i}"),
                 "t",
                 format!("payload {i}").into_bytes(),
@@ -104,34 +99,27 @@ impl Fixture {
             publisher.publish(&message).await.expect("publish");
             ids.push(message.message_id);
         }
-        let (_conn, ch) = support::raw_channel().await;
-        let dlq = names.queue.dlq_name();
         testkit::wait_until(
             "every message dead-lettered",
             Duration::from_secs(20),
-            || {
-                let ch = ch.clone();
-                let dlq = dlq.clone();
-                async move { support::ready(&ch, &dlq).await as usize == count }
-            },
+            || async { app.dlq_ready().await as usize == count },
         )
         .await;
         let dead_letters = DeadLetters::connect(support::settings(), "test")
             .await
             .expect("connect");
         let fixture = Self {
-            names,
+            app,
             broken,
             acked,
-            consumer: Some(consumer),
-            shutdown,
+            consumer,
             dead_letters,
         };
         (fixture, ids)
     }
 
     fn queue(&self) -> &str {
-        &self.names.queue.name
+        &self.app.names.queue.name
     }
 
     async fn listed_ids(&self) -> Vec<String> {
@@ -160,27 +148,24 @@ impl Fixture {
     }
 
     fn stats(&self) -> Arc<messaging::ConsumerStats> {
-        self.consumer.as_ref().expect("consuming").stats()
+        self.consumer.stats.clone()
     }
 
     async fn stop_consuming(&mut self) {
-        self.shutdown.cancel();
-        if let Some(consumer) = self.consumer.take() {
-            consumer.join().await;
-        }
+        self.app.stop().await;
     }
 
     async fn stop(mut self) {
         self.stop_consuming().await;
         self.dead_letters.close().await;
-        self.names.cleanup().await;
+        self.app.finish().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_are_listed_in_dead_lettering_order_with_their_reason_and_stay_however_often_they_are_read()
  {
-    let (fixture, ids) = Fixture::with_dead_letters(12).await;
+    let (fixture, ids) = DeadLettered::with_dead_letters(12).await;
 
     // Reading takes the messages and hands them back: a quorum queue mixes up
     // the position of returned messages, the listing order must not change.
@@ -208,14 +193,12 @@ async fn dead_letters_are_listed_in_dead_lettering_order_with_their_reason_and_s
             .all(|w| w[0].dead_lettered_at <= w[1].dead_lettered_at),
         "dead-lettering times in order"
     );
-    let (_conn, ch) = support::raw_channel().await;
     // The listing's channel is closed; the broker hands its messages back to
     // the ready ones a moment later.
-    let dlq = fixture.names.queue.dlq_name();
     testkit::wait_until(
         "all 12 ready in the DLQ again (nothing left it)",
         Duration::from_secs(10),
-        || async { support::ready(&ch, &dlq).await == 12 },
+        || async { fixture.app.dlq_ready().await == 12 },
     )
     .await;
     assert_eq!(fixture.stats().dead_lettered_as(DeathClass::Rejected), 12);
@@ -252,7 +235,7 @@ async fn dead_letters_are_listed_in_dead_lettering_order_with_their_reason_and_s
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redrive_sends_the_chosen_dead_letters_back_once_in_dead_lettering_order_with_their_envelope_and_trace()
  {
-    let (fixture, ids) = Fixture::with_dead_letters(6).await;
+    let (fixture, ids) = DeadLettered::with_dead_letters(6).await;
     let before = fixture
         .dead_letters
         .list(fixture.queue(), 10_000)
@@ -383,7 +366,7 @@ async fn a_redrive_sends_the_chosen_dead_letters_back_once_in_dead_lettering_ord
 async fn a_purge_deletes_only_the_chosen_dead_letters() {
     // Hundreds of acks before the channel closes: where a quorum queue drops
     // some unless the close waits for them (rabbitmq-server#10327).
-    let (fixture, ids) = Fixture::with_dead_letters(300).await;
+    let (fixture, ids) = DeadLettered::with_dead_letters(300).await;
     let purged = fixture
         .dead_letters
         .purge(
@@ -426,10 +409,10 @@ async fn a_purge_deletes_only_the_chosen_dead_letters() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_applies_each_once() {
     const COUNT: usize = 300;
-    let names = Names::new(support::fast_retry(2));
-    let broker = support::broker(&names).await;
+    let mut fixture = Fixture::new(support::fast_retry(2)).await;
+    let names = &fixture.names;
     // Dead letters written straight to the DLQ, as the runtime writes them.
-    let publisher = Publisher::new(broker.clone(), "test");
+    let publisher = fixture.publisher();
     let mut ids = Vec::new();
     for chunk in 0..COUNT / 50 {
         let batch: Vec<OutgoingMessage> = (0..50)
@@ -474,8 +457,7 @@ async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_a
     assert!(interrupted, "the cut stopped the redrive: {first:?}");
 
     // Every message is in the queue, the DLQ, or both.
-    let (_conn, ch) = support::raw_channel().await;
-    let in_queue = support::ready(&ch, &names.queue.name).await as usize;
+    let in_queue = fixture.ready().await as usize;
     let dlq = names.queue.dlq_name();
     // The broker hands back what the cut connection held once it notices.
     testkit::wait_until(
@@ -484,7 +466,7 @@ async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_a
         || async { unacknowledged(&dlq) == Some(0) },
     )
     .await;
-    let in_dlq = support::ready(&ch, &dlq).await as usize;
+    let in_dlq = fixture.dlq_ready().await as usize;
     assert!(
         in_queue + in_dlq >= COUNT,
         "each is in the queue or the DLQ: {in_queue} + {in_dlq}"
@@ -495,7 +477,7 @@ async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_a
     let started = std::time::Instant::now();
     let second = dead_letters
         .redrive(
-            &names.queue.name,
+            &fixture.names.queue.name,
             &Selection::All,
             10_000,
             false,
@@ -509,35 +491,27 @@ async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_a
         second.moved.len(),
         started.elapsed().as_secs_f64() * 1000.0
     );
-    let db = support::database().await;
     let runs = support::log();
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        ConsumerOptions {
-            app_id: "test".into(),
-            ..Default::default()
-        },
+    fixture.consume(
         support::Effect {
-            inbox: Inbox::new(db.pool.clone(), "c"),
+            inbox: Inbox::new(fixture.pool().clone(), "c"),
             deliveries: runs.clone(),
         },
-        shutdown.clone(),
+        support::consumer_options(),
     );
     testkit::wait_until("every effect applied", Duration::from_secs(30), || async {
-        support::count(&db.pool, "SELECT count(DISTINCT message_id) FROM effects").await
+        fixture
+            .count("SELECT count(DISTINCT message_id) FROM effects")
+            .await
             == COUNT as i64
     })
     .await;
-    testkit::wait_until("the queue drained", Duration::from_secs(30), || {
-        let ch = ch.clone();
-        let q = names.queue.name.clone();
-        async move { support::ready(&ch, &q).await == 0 }
+    testkit::wait_until("the queue drained", Duration::from_secs(30), || async {
+        fixture.ready().await == 0
     })
     .await;
     let effects: Vec<String> = sqlx::query_scalar("SELECT message_id FROM effects")
-        .fetch_all(&db.pool)
+        .fetch_all(fixture.pool())
         .await
         .expect("effects");
     assert_eq!(effects.len(), COUNT, "no effect twice");
@@ -547,7 +521,7 @@ async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_a
         "none lost"
     );
     let left = dead_letters
-        .list(&names.queue.name, 10)
+        .list(&fixture.names.queue.name, 10)
         .await
         .expect("list")
         .letters;
@@ -560,10 +534,8 @@ async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_a
         "redrive cut: {} runs for {COUNT} messages (copies in both places were deduplicated)",
         runs.lock().expect("log").len()
     );
-    shutdown.cancel();
-    consumer.join().await;
     dead_letters.close().await;
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 /// Messages of `queue` delivered and not yet acknowledged, per the broker.
@@ -614,7 +586,7 @@ impl Drop for Policy {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redrive_the_broker_refuses_part_way_leaves_every_unsent_message_in_the_dlq_in_order() {
     const COUNT: usize = 120;
-    let (mut fixture, ids) = Fixture::with_dead_letters(COUNT).await;
+    let (mut fixture, ids) = DeadLettered::with_dead_letters(COUNT).await;
     fixture.stop_consuming().await;
     // The queue takes a few messages, then refuses more (reject-publish).
     let _policy = Policy::set(
@@ -622,7 +594,6 @@ async fn a_redrive_the_broker_refuses_part_way_leaves_every_unsent_message_in_th
         &format!("^{}$", fixture.queue().replace('.', "\\.")),
         r#"{"max-length": 3}"#,
     );
-    let (_conn, ch) = support::raw_channel().await;
     testkit::wait_until("the policy applies", Duration::from_secs(10), || async {
         let info = std::process::Command::new("rabbitmqctl")
             .args(["list_queues", "name", "policy"])
@@ -658,7 +629,7 @@ async fn a_redrive_the_broker_refuses_part_way_leaves_every_unsent_message_in_th
         ids[sent..].to_vec(),
         "the rest stayed, in order"
     );
-    assert_eq!(support::ready(&ch, fixture.queue()).await as usize, sent);
+    assert_eq!(fixture.app.ready().await as usize, sent);
     fixture.stop().await;
 }
 
@@ -697,24 +668,21 @@ async fn a_dlq_made_before_dlqs_had_a_delivery_limit_is_kept_and_the_service_sti
     .await
     .expect("the old DLQ");
 
-    let broker = messaging::Broker::connect(support::settings(), names.topology())
-        .await
-        .expect("connects over the old DLQ");
+    // Connects over the old DLQ (or panics saying why).
+    let old = Fixture::start(names, false).await;
+    let names = &old.names;
     let args = queue_arguments(&names.queue.dlq_name()).expect("the DLQ exists");
     assert!(!args.contains("x-delivery-limit"), "kept as it was: {args}");
     let queue_args = queue_arguments(&names.queue.name).expect("the queue was declared");
     assert!(queue_args.contains("x-delivery-limit"), "{queue_args}");
-    broker.close().await;
-    names.cleanup().await;
+    old.finish().await;
 
     // A fresh one gets the limit.
-    let fresh = Names::new(support::fast_retry(2));
-    let broker = support::broker(&fresh).await;
-    let args = queue_arguments(&fresh.queue.dlq_name()).expect("the DLQ exists");
+    let fresh = Fixture::without_database(support::fast_retry(2)).await;
+    let args = queue_arguments(&fresh.names.queue.dlq_name()).expect("the DLQ exists");
     assert!(
         args.contains("x-delivery-limit") && args.contains("1000000"),
         "{args}"
     );
-    broker.close().await;
-    fresh.cleanup().await;
+    fresh.finish().await;
 }

@@ -3,13 +3,9 @@ use std::{
     time::Duration,
 };
 
-use messaging::{
-    ConsumerOptions, Handler, Inbox, IncomingMessage, NewMessage, Outcome, OutgoingMessage,
-    Processed, Publisher, enqueue, spawn_consumer,
-};
-use tokio_util::sync::CancellationToken;
+use messaging::{Handler, Inbox, IncomingMessage, NewMessage, Outcome, Processed, enqueue};
 
-use crate::support::{self, Names};
+use crate::support::{self, Fixture};
 
 fn apply(
     id: String,
@@ -91,9 +87,7 @@ async fn each_consumer_processes_a_message_once_on_its_own() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_handler_error_inside_the_inbox_transaction_persists_nothing_and_the_message_is_retried()
 {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(5));
-    let broker = support::broker(&names).await;
+    let mut fixture = Fixture::new(support::fast_retry(5)).await;
     let attempts = Arc::new(Mutex::new(Vec::new()));
 
     /// Writes its effect and an outbox event, then fails on the first attempt.
@@ -136,31 +130,16 @@ async fn a_handler_error_inside_the_inbox_transaction_persists_nothing_and_the_m
             }
         }
     }
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        ConsumerOptions {
-            app_id: "test".into(),
-            ..Default::default()
-        },
+    fixture.consume(
         FailsOnce {
-            inbox: Inbox::new(db.pool.clone(), "c"),
-            exchange: names.exchange.clone(),
+            inbox: Inbox::new(fixture.pool().clone(), "c"),
+            exchange: fixture.names.exchange.clone(),
             attempts: attempts.clone(),
         },
-        shutdown.clone(),
+        support::consumer_options(),
     );
 
-    Publisher::new(broker.clone(), "test")
-        .publish(&OutgoingMessage::new(
-            &names.exchange,
-            "k",
-            "t",
-            b"x".to_vec(),
-        ))
-        .await
-        .expect("publish");
+    fixture.publish("k", b"x").await;
     testkit::wait_until(
         "the first, failing attempt",
         Duration::from_secs(10),
@@ -168,37 +147,22 @@ async fn a_handler_error_inside_the_inbox_transaction_persists_nothing_and_the_m
     )
     .await;
     // Before the retry lands (200 ms later) nothing of attempt 1 is visible.
-    assert_eq!(
-        support::count(&db.pool, "SELECT count(*) FROM effects").await,
-        0
-    );
-    assert_eq!(
-        support::count(&db.pool, "SELECT count(*) FROM outbox").await,
-        0
-    );
-    assert_eq!(
-        support::count(&db.pool, "SELECT count(*) FROM inbox").await,
-        0
-    );
+    assert_eq!(fixture.count("SELECT count(*) FROM effects").await, 0);
+    assert_eq!(fixture.count("SELECT count(*) FROM outbox").await, 0);
+    assert_eq!(fixture.count("SELECT count(*) FROM inbox").await, 0);
 
     testkit::wait_until("the retry succeeded", Duration::from_secs(10), || async {
-        support::count(&db.pool, "SELECT count(*) FROM inbox").await == 1
+        fixture.count("SELECT count(*) FROM inbox").await == 1
     })
     .await;
     assert_eq!(*attempts.lock().expect("log"), vec![1, 2]);
+    assert_eq!(fixture.count("SELECT count(*) FROM effects").await, 1);
     assert_eq!(
-        support::count(&db.pool, "SELECT count(*) FROM effects").await,
-        1
-    );
-    assert_eq!(
-        support::count(&db.pool, "SELECT count(*) FROM outbox").await,
+        fixture.count("SELECT count(*) FROM outbox").await,
         1,
         "one next event"
     );
-    shutdown.cancel();
-    consumer.join().await;
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

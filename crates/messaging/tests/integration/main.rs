@@ -1,11 +1,13 @@
 //! Integration tests of the messaging crate against the real RabbitMQ and
 //! PostgreSQL (`DATABASE_URL`, default postgres on 127.0.0.1:5432)
 //! and RabbitMQ (`AMQP_URL`, default guest on 127.0.0.1:5672). Every test declares its own
-//! uniquely named exchanges, queues and database and deletes them at the end.
+//! uniquely named exchanges, queues and database and deletes them at the end, through
+//! `support::Fixture`, which deletes them also when the test panics.
 
 mod batch;
 mod consume;
 mod dead_letters;
+mod fixture;
 mod inbox;
 mod outbox;
 mod parked;

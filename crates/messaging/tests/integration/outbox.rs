@@ -5,31 +5,33 @@ use std::{
 };
 
 use messaging::{
-    ConsumerOptions, Handler, Inbox, IncomingMessage, NewMessage, Outcome, Publisher, enqueue,
-    spawn_consumer, spawn_relay,
+    ConsumerOptions, Handler, Inbox, IncomingMessage, NewMessage, Outcome, RelayProbe, enqueue,
 };
 use opentelemetry::{
     Context,
     trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState},
 };
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::support::{self, Names};
+use crate::support::{self, Fixture};
+
+/// Waits for three more relay rounds: whatever the relay had to publish, it
+/// has published by then.
+async fn three_more_rounds(relay: &RelayProbe) {
+    let rounds = relay.status().rounds;
+    testkit::wait_until(
+        "three more relay rounds",
+        Duration::from_secs(10),
+        || async { relay.status().rounds >= rounds + 3 },
+    )
+    .await;
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_committed_event_is_published_once_with_the_row_id_and_the_trace_of_its_writer() {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let shutdown = CancellationToken::new();
-    let relay = spawn_relay(
-        db.pool.clone(),
-        Publisher::new(broker.clone(), "test"),
-        support::fast_relay(),
-        shutdown.clone(),
-    );
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
+    let relay = fixture.relay();
     let trace_id = TraceId::from(0x5af7651916cd43dd8448eb211c80319cu128);
     let request = tracing::info_span!("POST /orders");
     let _ = request.set_parent(Context::new().with_remote_span_context(SpanContext::new(
@@ -41,11 +43,16 @@ async fn a_committed_event_is_published_once_with_the_row_id_and_the_trace_of_it
     )));
 
     let id = async {
-        let mut tx = db.pool.begin().await.expect("begin");
+        let mut tx = fixture.pool().begin().await.expect("begin");
         let id = enqueue(
             &mut tx,
-            NewMessage::new(&names.exchange, "order.placed", "shop.T", b"body".to_vec())
-                .correlated("o-1"),
+            NewMessage::new(
+                &fixture.names.exchange,
+                "order.placed",
+                "shop.T",
+                b"body".to_vec(),
+            )
+            .correlated("o-1"),
         )
         .await
         .expect("enqueue");
@@ -55,9 +62,8 @@ async fn a_committed_event_is_published_once_with_the_row_id_and_the_trace_of_it
     .instrument(request)
     .await;
 
-    let (_conn, ch) = support::raw_channel().await;
     let got = testkit::wait_for("the event published", Duration::from_secs(10), || async {
-        support::get(&ch, &names.queue.name).await
+        fixture.get().await
     })
     .await;
     let p = &got.delivery.properties;
@@ -76,58 +82,35 @@ async fn a_committed_event_is_published_once_with_the_row_id_and_the_trace_of_it
         "the writer's trace"
     );
     // Exactly once: the relay goes on polling and publishes nothing more.
-    let rounds = relay.status().rounds;
-    testkit::wait_until(
-        "three more relay rounds",
-        Duration::from_secs(10),
-        || async { relay.status().rounds >= rounds + 3 },
-    )
-    .await;
-    assert!(
-        support::get(&ch, &names.queue.name).await.is_none(),
-        "published twice"
-    );
+    three_more_rounds(&relay).await;
+    assert!(fixture.get().await.is_none(), "published twice");
     assert_eq!(
-        support::count(
-            &db.pool,
-            "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL"
-        )
-        .await,
+        fixture
+            .count("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+            .await,
         1
     );
     assert_eq!(relay.status().backlog, 0);
-    shutdown.cancel();
-    relay.join().await;
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolled_back_transaction_never_publishes() {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let shutdown = CancellationToken::new();
-    let relay = spawn_relay(
-        db.pool.clone(),
-        Publisher::new(broker.clone(), "test"),
-        support::fast_relay(),
-        shutdown.clone(),
-    );
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
+    let relay = fixture.relay();
 
-    let mut tx = db.pool.begin().await.expect("begin");
+    let mut tx = fixture.pool().begin().await.expect("begin");
     enqueue(
         &mut tx,
-        NewMessage::new(&names.exchange, "rolled.back", "t", vec![]),
+        NewMessage::new(&fixture.names.exchange, "rolled.back", "t", vec![]),
     )
     .await
     .expect("enqueue");
     tx.rollback().await.expect("rollback");
-    let marker = support::commit_event(&db.pool, &names.exchange, "marker").await;
+    let marker = fixture.commit_event("marker").await;
 
-    let (_conn, ch) = support::raw_channel().await;
     let got = testkit::wait_for("the marker published", Duration::from_secs(10), || async {
-        support::get(&ch, &names.queue.name).await
+        fixture.get().await
     })
     .await;
     assert_eq!(got.delivery.routing_key.as_str(), "marker");
@@ -139,46 +122,27 @@ async fn a_rolled_back_transaction_never_publishes() {
             .map(|s| s.to_string()),
         Some(marker.to_string())
     );
-    let rounds = relay.status().rounds;
-    testkit::wait_until(
-        "three more relay rounds",
-        Duration::from_secs(10),
-        || async { relay.status().rounds >= rounds + 3 },
-    )
-    .await;
+    three_more_rounds(&relay).await;
     assert!(
-        support::get(&ch, &names.queue.name).await.is_none(),
+        fixture.get().await.is_none(),
         "the rolled back event was published"
     );
-    assert_eq!(
-        support::count(&db.pool, "SELECT count(*) FROM outbox").await,
-        1
-    );
-    shutdown.cancel();
-    relay.join().await;
-    names.cleanup().await;
-    db.drop_db().await;
+    assert_eq!(fixture.count("SELECT count(*) FROM outbox").await, 1);
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_broker_unreachable_the_commit_succeeds_and_the_event_goes_out_when_it_returns() {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let (proxy, broker) = support::proxied_broker(&names, |_| {}).await;
-    let shutdown = CancellationToken::new();
-    let relay = spawn_relay(
-        db.pool.clone(),
-        Publisher::new(broker.clone(), "test"),
-        support::fast_relay(),
-        shutdown.clone(),
-    );
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
+    let (proxy, broker) = fixture.proxied_broker(|_| {}).await;
+    let relay = fixture.relay_on(broker.clone(), support::fast_relay());
     proxy.block();
     testkit::wait_until("disconnected", Duration::from_secs(10), || async {
         !broker.is_connected()
     })
     .await;
 
-    let id = support::commit_event(&db.pool, &names.exchange, "during.outage").await;
+    let id = fixture.commit_event("during.outage").await;
 
     testkit::wait_until(
         "the relay to report the broker away and the row kept",
@@ -190,11 +154,10 @@ async fn with_the_broker_unreachable_the_commit_succeeds_and_the_event_goes_out_
     )
     .await;
     proxy.restore();
-    let (_conn, ch) = support::raw_channel().await;
     let got = testkit::wait_for(
         "published after the broker returned",
         Duration::from_secs(20),
-        || async { support::get(&ch, &names.queue.name).await },
+        || async { fixture.get().await },
     )
     .await;
     assert_eq!(
@@ -206,57 +169,40 @@ async fn with_the_broker_unreachable_the_commit_succeeds_and_the_event_goes_out_
         Some(id.to_string())
     );
     testkit::wait_until("marked", Duration::from_secs(10), || async {
-        support::count(
-            &db.pool,
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-        )
-        .await
+        fixture
+            .count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .await
             == 0
     })
     .await;
     assert_eq!(
-        support::count(&db.pool, "SELECT max(attempts)::bigint FROM outbox").await,
+        fixture
+            .count("SELECT max(attempts)::bigint FROM outbox")
+            .await,
         1,
         "no row is claimed while the broker is away: only the attempt that worked"
     );
-    shutdown.cancel();
-    relay.join().await;
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.finish().await;
 }
 
 /// Applies each message's effect through the inbox and logs every delivery.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_between_confirm_and_mark_republishes_the_same_id_and_the_inbox_applies_it_once()
 {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let shutdown = CancellationToken::new();
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
     let options = support::fast_relay();
     options.fail_after_confirm.store(1, Ordering::SeqCst);
-    let relay = spawn_relay(
-        db.pool.clone(),
-        Publisher::new(broker.clone(), "test"),
-        options.clone(),
-        shutdown.clone(),
-    );
+    let relay = fixture.relay_with(options.clone());
     let deliveries = Arc::new(Mutex::new(Vec::new()));
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        ConsumerOptions {
-            app_id: "test".into(),
-            ..Default::default()
-        },
+    fixture.consume(
         support::Effect {
-            inbox: Inbox::new(db.pool.clone(), "test-consumer"),
+            inbox: Inbox::new(fixture.pool().clone(), "test-consumer"),
             deliveries: deliveries.clone(),
         },
-        shutdown.clone(),
+        support::consumer_options(),
     );
 
-    let id = support::commit_event(&db.pool, &names.exchange, "k").await;
+    let id = fixture.commit_event("k").await;
 
     testkit::wait_until(
         "two deliveries of the event",
@@ -282,37 +228,27 @@ async fn a_failure_between_confirm_and_mark_republishes_the_same_id_and_the_inbo
         "republished with the same id"
     );
     assert_eq!(
-        support::count(&db.pool, "SELECT count(*) FROM effects").await,
+        fixture.count("SELECT count(*) FROM effects").await,
         1,
         "effect applied once"
     );
-    shutdown.cancel();
-    relay.join().await;
-    consumer.join().await;
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_relays_on_one_table_under_load_publish_every_row_exactly_once() {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let shutdown = CancellationToken::new();
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
     let mut relays = Vec::new();
     for _ in 0..2 {
-        let broker = support::broker(&names).await;
+        let broker = fixture.connect().await;
         let options = messaging::RelayOptions {
             batch_size: 100,
             ..support::fast_relay()
         };
-        relays.push(spawn_relay(
-            db.pool.clone(),
-            Publisher::new(broker, "test"),
-            options,
-            shutdown.clone(),
-        ));
+        relays.push(fixture.relay_on(broker, options));
     }
-    let consumer_broker = support::broker(&names).await;
+    // The relays publish on connections of their own, the consumer takes the
+    // fixture's.
     let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::new(Mutex::new(HashMap::new()));
     struct Count(Arc<Mutex<HashMap<String, u32>>>);
     impl Handler for Count {
@@ -326,24 +262,21 @@ async fn two_relays_on_one_table_under_load_publish_every_row_exactly_once() {
             Outcome::Ack
         }
     }
-    let consumer = spawn_consumer(
-        consumer_broker,
-        names.queue.clone(),
+    fixture.consume(
+        Count(seen.clone()),
         ConsumerOptions {
             prefetch: 200,
             concurrency: 16,
             app_id: "test".into(),
             ..Default::default()
         },
-        Count(seen.clone()),
-        shutdown.clone(),
     );
 
     // Four writers commit 4 000 rows in transactions of ten while both relays run.
     let writers: Vec<_> = (0..4)
         .map(|w| {
-            let pool = db.pool.clone();
-            let exchange = names.exchange.clone();
+            let pool = fixture.pool().clone();
+            let exchange = fixture.names.exchange.clone();
             tokio::spawn(async move {
                 let mut ids = Vec::new();
                 for t in 0..100 {
@@ -390,59 +323,43 @@ async fn two_relays_on_one_table_under_load_publish_every_row_exactly_once() {
     );
     let published: u64 = relays.iter().map(|r| r.status().published).sum();
     assert_eq!(published, expected.len() as u64);
-    shutdown.cancel();
-    for relay in relays {
-        relay.join().await;
-    }
-    consumer.join().await;
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn published_rows_past_retention_are_deleted_and_unpublished_ones_kept() {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
     // Rows for an exchange that does not exist stay unpublished.
     let stuck = {
-        let mut tx = db.pool.begin().await.expect("begin");
-        let id = enqueue(&mut tx, NewMessage::new(&names.dlx, "nowhere", "t", vec![]))
-            .await
-            .expect("enqueue");
+        let mut tx = fixture.pool().begin().await.expect("begin");
+        let message = NewMessage::new(&fixture.names.dlx, "nowhere", "t", vec![]);
+        let id = enqueue(&mut tx, message).await.expect("enqueue");
         tx.commit().await.expect("commit");
         id
     };
     for _ in 0..3 {
-        support::commit_event(&db.pool, &names.exchange, "k").await;
+        fixture.commit_event("k").await;
     }
-    let shutdown = CancellationToken::new();
-    let options = messaging::RelayOptions {
+    fixture.relay_with(messaging::RelayOptions {
         retention: Duration::ZERO,
         cleanup_every: Duration::from_millis(50),
         ..support::fast_relay()
-    };
-    let relay = spawn_relay(
-        db.pool.clone(),
-        Publisher::new(broker.clone(), "test"),
-        options,
-        shutdown.clone(),
-    );
+    });
 
     testkit::wait_until(
         "published rows deleted",
         Duration::from_secs(10),
-        || async { support::count(&db.pool, "SELECT count(*) FROM outbox").await == 1 },
+        || async { fixture.count("SELECT count(*) FROM outbox").await == 1 },
     )
     .await;
     let left: uuid::Uuid = sqlx::query_scalar("SELECT id FROM outbox")
-        .fetch_one(&db.pool)
+        .fetch_one(fixture.pool())
         .await
         .expect("row");
     assert_eq!(left, stuck, "the unroutable row is kept");
     let (attempts, error): (i32, Option<String>) =
         sqlx::query_as("SELECT attempts, last_error FROM outbox")
-            .fetch_one(&db.pool)
+            .fetch_one(fixture.pool())
             .await
             .expect("row");
     assert!(attempts >= 1);
@@ -450,37 +367,26 @@ async fn published_rows_past_retention_are_deleted_and_unpublished_ones_kept() {
         error.is_some_and(|e| e.contains("unroutable")),
         "the reason is recorded"
     );
-    shutdown.cancel();
-    relay.join().await;
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_backlog_reported_after_a_burst_comes_back_to_zero_without_another_wake_up() {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let shutdown = CancellationToken::new();
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
     // No polling fallback to lean on: only the relay's own status refresh can
     // bring the figure back to zero once the last notification was handled.
-    let relay = spawn_relay(
-        db.pool.clone(),
-        Publisher::new(broker.clone(), "test"),
-        messaging::RelayOptions {
-            poll_interval: Duration::from_secs(3600),
-            ..support::fast_relay()
-        },
-        shutdown.clone(),
-    );
+    let relay = fixture.relay_with(messaging::RelayOptions {
+        poll_interval: Duration::from_secs(3600),
+        ..support::fast_relay()
+    });
     // Many small commits in a row: many wake-ups, most of them inside the
     // status refresh interval, some while a refresh counts a fresh row.
     for i in 0..200 {
-        let mut tx = db.pool.begin().await.expect("begin");
+        let mut tx = fixture.pool().begin().await.expect("begin");
         enqueue(
             &mut tx,
             NewMessage::new(
-                &names.exchange,
+                &fixture.names.exchange,
                 "order.placed",
                 "test.Event",
                 format!("{i}").into_bytes(),
@@ -503,8 +409,5 @@ async fn the_backlog_reported_after_a_burst_comes_back_to_zero_without_another_w
         },
     )
     .await;
-    shutdown.cancel();
-    relay.join().await;
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.finish().await;
 }

@@ -9,12 +9,9 @@ use std::{
     time::Duration,
 };
 
-use messaging::{
-    ConsumerOptions, Handler, IncomingMessage, Outcome, OutgoingMessage, Publisher, spawn_consumer,
-};
-use tokio_util::sync::CancellationToken;
+use messaging::{ConsumerOptions, Handler, IncomingMessage, Outcome, OutgoingMessage, Publisher};
 
-use crate::support::{self, Log, Names};
+use crate::support::{self, Fixture, Log};
 
 /// Answers `Unavailable` while its "database" is down, acks once it is up.
 struct NeedsDatabase {
@@ -69,25 +66,19 @@ async fn publish_numbered(publisher: &Publisher, exchange: &str, n: usize) {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outage_pauses_the_consumer_spends_no_retry_and_everything_is_processed_once_it_ends() {
     // One attempt only: a single spent retry would dead-letter.
-    let names = Names::new(support::fast_retry(1));
-    let broker = support::broker(&names).await;
+    let mut fixture = Fixture::without_database(support::fast_retry(1)).await;
     let up = Arc::new(AtomicBool::new(false));
     let probes = Arc::new(AtomicU32::new(0));
     let acked = support::log();
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        options(),
+    let probe = fixture.consume(
         NeedsDatabase {
             up: up.clone(),
             probes: probes.clone(),
             acked: acked.clone(),
         },
-        shutdown.clone(),
+        options(),
     );
-    let probe = consumer.probe();
-    publish_numbered(&Publisher::new(broker.clone(), "test"), &names.exchange, 20).await;
+    publish_numbered(&fixture.publisher(), &fixture.names.exchange, 20).await;
     testkit::wait_until("the consumer to pause", Duration::from_secs(10), || async {
         probe.paused().is_some()
     })
@@ -96,12 +87,8 @@ async fn an_outage_pauses_the_consumer_spends_no_retry_and_everything_is_process
         probes.load(Ordering::SeqCst) >= 3
     })
     .await;
-    let (_conn, ch) = support::raw_channel().await;
     // Not taken: what the consumer does not hold is still in the queue.
-    assert!(
-        support::ready(&ch, &names.queue.name).await >= 12,
-        "deliveries stay in the queue"
-    );
+    assert!(fixture.ready().await >= 12, "deliveries stay in the queue");
     up.store(true, Ordering::SeqCst);
     testkit::wait_until("all 20 processed", Duration::from_secs(20), || async {
         acked.lock().expect("log").len() == 20
@@ -116,35 +103,27 @@ async fn an_outage_pauses_the_consumer_spends_no_retry_and_everything_is_process
             .all(|(_, attempt)| *attempt == 1),
         "no retry was spent on the outage"
     );
-    assert_eq!(support::ready(&ch, &names.queue.dlq_name()).await, 0);
+    assert_eq!(fixture.dlq_ready().await, 0);
     assert_eq!(probe.stats.pauses.load(Ordering::SeqCst), 1);
-    shutdown.cancel();
-    consumer.join().await;
-    broker.close().await;
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_that_loses_its_connection_while_paused_resubscribes_and_resumes() {
-    let names = Names::new(support::fast_retry(1));
-    let (proxy, broker) = support::proxied_broker(&names, |_| {}).await;
+    let mut fixture = Fixture::without_database(support::fast_retry(1)).await;
+    let (proxy, broker) = fixture.proxied_broker(|_| {}).await;
     let up = Arc::new(AtomicBool::new(false));
     let acked = support::log();
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        options(),
+    let probe = fixture.consume_on(
+        broker,
         NeedsDatabase {
             up: up.clone(),
             probes: Arc::new(AtomicU32::new(0)),
             acked: acked.clone(),
         },
-        shutdown.clone(),
+        options(),
     );
-    let probe = consumer.probe();
-    let direct = support::broker(&names).await;
-    publish_numbered(&Publisher::new(direct.clone(), "test"), &names.exchange, 10).await;
+    publish_numbered(&fixture.publisher(), &fixture.names.exchange, 10).await;
     testkit::wait_until("the consumer to pause", Duration::from_secs(10), || async {
         probe.paused().is_some()
     })
@@ -165,9 +144,5 @@ async fn a_consumer_that_loses_its_connection_while_paused_resubscribes_and_resu
         bodies.len() == 10
     })
     .await;
-    shutdown.cancel();
-    consumer.join().await;
-    broker.close().await;
-    direct.close().await;
-    names.cleanup().await;
+    fixture.finish().await;
 }

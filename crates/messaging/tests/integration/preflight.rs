@@ -78,16 +78,18 @@ async fn amqps_with_a_configured_ca_file_connects_and_round_trips() {
     let ca_file = dir.join("ca.pem");
     std::fs::write(&ca_file, proxy.ca_pem()).expect("write CA");
     let url = testkit::amqp_url().replacen("amqp://", "amqps://", 1);
-    let names = support::Names::new(support::fast_retry(3));
+    let mut fixture = support::Fixture::without_database(support::fast_retry(3)).await;
     let mut settings = messaging::AmqpSettings::from_url(&url)
         .expect("url")
         .with_host_port("localhost", proxy.port());
     settings.ca_file = Some(ca_file.clone());
 
-    let broker = Broker::connect(settings.clone(), names.topology())
+    let broker = fixture
+        .connect_with(settings.clone())
         .await
         .expect("amqps connect");
-    let message = messaging::OutgoingMessage::new(&names.exchange, "k", "t", b"over tls".to_vec());
+    let message =
+        messaging::OutgoingMessage::new(&fixture.names.exchange, "k", "t", b"over tls".to_vec());
     messaging::Publisher::new(broker.clone(), "test")
         .publish(&message)
         .await
@@ -99,7 +101,6 @@ async fn amqps_with_a_configured_ca_file_connects_and_round_trips() {
         .await
         .expect_err("untrusted");
     assert!(matches!(err, ConnectError::Tls { .. }), "{err}");
-    broker.close().await;
-    names.cleanup().await;
+    fixture.finish().await;
     let _ = std::fs::remove_dir_all(dir);
 }

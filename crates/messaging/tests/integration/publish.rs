@@ -10,13 +10,12 @@ use opentelemetry::{
     trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState},
 };
 
-use crate::support::{self, Names};
+use crate::support::{self, Fixture};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_published_message_arrives_with_every_envelope_property_and_trace_header() {
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let publisher = Publisher::new(broker.clone(), "test-service");
+    let fixture = Fixture::without_database(support::fast_retry(3)).await;
+    let publisher = Publisher::new(fixture.broker.clone(), "test-service");
     let trace_id = TraceId::from(0x4bf92f3577b34da6a3ce929d0e0e4736u128);
     let parent_span = SpanId::from(0x00f067aa0ba902b7u64);
     let parent = Context::new().with_remote_span_context(SpanContext::new(
@@ -27,7 +26,7 @@ async fn a_published_message_arrives_with_every_envelope_property_and_trace_head
         TraceState::from_key_value([("shop", "test")]).expect("tracestate"),
     ));
     let mut message = OutgoingMessage::new(
-        &names.exchange,
+        &fixture.names.exchange,
         "order.placed",
         "shop.events.v1.OrderPlaced",
         b"payload".to_vec(),
@@ -38,10 +37,7 @@ async fn a_published_message_arrives_with_every_envelope_property_and_trace_head
 
     publisher.publish(&message).await.expect("confirmed");
 
-    let (_conn, ch) = support::raw_channel().await;
-    let got = support::get(&ch, &names.queue.name)
-        .await
-        .expect("message in queue");
+    let got = fixture.get().await.expect("message in queue");
     let p = &got.delivery.properties;
     assert_eq!(
         p.message_id().as_ref().map(|s| s.as_str()),
@@ -82,16 +78,15 @@ async fn a_published_message_arrives_with_every_envelope_property_and_trace_head
         messaging::consumer::header_str(&headers, "tracestate").as_deref(),
         Some("shop=test")
     );
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unroutable_publish_is_an_error() {
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let publisher = Publisher::new(broker.clone(), "test");
+    let fixture = Fixture::without_database(support::fast_retry(3)).await;
+    let publisher = fixture.publisher();
     // The only binding is on `names.exchange`; the DLX has no queue for this key.
-    let message = OutgoingMessage::new(&names.dlx, "no-such-queue", "t", b"x".to_vec());
+    let message = OutgoingMessage::new(&fixture.names.dlx, "no-such-queue", "t", b"x".to_vec());
 
     let result = publisher.publish(&message).await;
 
@@ -100,22 +95,21 @@ async fn an_unroutable_publish_is_an_error() {
         "{result:?}"
     );
     // The channel is still usable afterwards.
-    let ok = OutgoingMessage::new(&names.exchange, "k", "t", b"x".to_vec());
+    let ok = OutgoingMessage::new(&fixture.names.exchange, "k", "t", b"x".to_vec());
     publisher
         .publish(&ok)
         .await
         .expect("routable publish after a return");
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nacked_publish_is_an_error() {
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let publisher = Publisher::new(broker.clone(), "test");
+    let fixture = Fixture::without_database(support::fast_retry(3)).await;
+    let publisher = fixture.publisher();
     // A queue that holds nothing and rejects publishes when full: the broker nacks.
     let full = testkit::unique("t.full");
-    let (_conn, ch) = support::raw_channel().await;
+    let ch = fixture.channel();
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
     args.insert(
@@ -134,20 +128,19 @@ async fn a_nacked_publish_is_an_error() {
     let _ = ch
         .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
         .await;
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_confirms_every_message_and_reports_each_result() {
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let publisher = Publisher::new(broker.clone(), "test");
+    let fixture = Fixture::without_database(support::fast_retry(3)).await;
+    let names = &fixture.names;
     let mut batch: Vec<_> = (0..500)
         .map(|i| OutgoingMessage::new(&names.exchange, format!("k.{i}"), "t", vec![0u8; 256]))
         .collect();
     batch[250] = OutgoingMessage::new(&names.dlx, "nowhere", "t", vec![]);
 
-    let results = publisher.publish_batch(&batch).await;
+    let results = fixture.publisher().publish_batch(&batch).await;
 
     assert_eq!(results.len(), 500);
     let errors: Vec<_> = results
@@ -161,10 +154,9 @@ async fn a_batch_confirms_every_message_and_reports_each_result() {
         "{errors:?}"
     );
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 499);
-    let (_conn, ch) = support::raw_channel().await;
     testkit::wait_until("499 messages queued", Duration::from_secs(10), || async {
-        support::ready(&ch, &names.queue.name).await == 499
+        fixture.ready().await == 499
     })
     .await;
-    names.cleanup().await;
+    fixture.finish().await;
 }

@@ -5,13 +5,9 @@ use std::{
 };
 
 use lapin::options::QueueDeleteOptions;
-use messaging::{
-    Broker, ConsumerOptions, Handler, IncomingMessage, Outcome, OutgoingMessage, Publisher,
-    spawn_consumer,
-};
-use tokio_util::sync::CancellationToken;
+use messaging::{Handler, IncomingMessage, Outcome, OutgoingMessage, Publisher};
 
-use crate::support::{self, Names};
+use crate::support::{self, Fixture};
 
 struct Collect(Arc<Mutex<HashSet<String>>>);
 
@@ -35,31 +31,25 @@ async fn publish_until_confirmed(publisher: &Publisher, message: &OutgoingMessag
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_published_before_during_and_after_connection_cuts_are_all_consumed() {
-    let names = Names::new(support::fast_retry(3));
-    support::init_tracing();
-    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
-        .await
-        .expect("proxy");
-    let settings = support::settings().with_host_port("127.0.0.1", proxy.port());
-    let broker = Broker::connect(settings, names.topology())
-        .await
-        .expect("connect through proxy");
+    let mut fixture = Fixture::without_database(support::fast_retry(3)).await;
+    let (proxy, broker) = fixture.proxied_broker(|_| {}).await;
     let seen = Arc::new(Mutex::new(HashSet::new()));
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
+    let consumer = fixture.consume_on(
         broker.clone(),
-        names.queue.clone(),
-        ConsumerOptions {
-            app_id: "test".into(),
-            ..Default::default()
-        },
         Collect(seen.clone()),
-        shutdown.clone(),
+        support::consumer_options(),
     );
     let publisher =
         Publisher::new(broker.clone(), "test").with_confirm_timeout(Duration::from_secs(5));
     let messages: Vec<_> = (0..300)
-        .map(|i| OutgoingMessage::new(&names.exchange, format!("k.{i}"), "t", vec![1u8; 64]))
+        .map(|i| {
+            OutgoingMessage::new(
+                &fixture.names.exchange,
+                format!("k.{i}"),
+                "t",
+                vec![1u8; 64],
+            )
+        })
         .collect();
 
     let mut failed_publishes = 0;
@@ -90,12 +80,11 @@ async fn messages_published_before_during_and_after_connection_cuts_are_all_cons
     }
 
     let expected: HashSet<String> = messages.iter().map(|m| m.message_id.clone()).collect();
-    let stats = consumer.stats();
+    let stats = consumer.stats.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !seen.lock().expect("set").is_superset(&expected) {
         if tokio::time::Instant::now() > deadline {
-            let (_conn, ch) = support::raw_channel().await;
-            let ready = support::ready(&ch, &names.queue.name).await;
+            let ready = fixture.ready().await;
             let consumed = seen.lock().expect("set").intersection(&expected).count();
             panic!(
                 "not every confirmed message was consumed: seen {consumed} of {}, subscribed {}, connected {}, stats {stats:?}, ready {ready}",
@@ -115,47 +104,34 @@ async fn messages_published_before_during_and_after_connection_cuts_are_all_cons
     assert!(consumer.is_subscribed(), "the consumer resumed by itself");
     assert!(
         consumer
-            .stats()
+            .stats
             .subscriptions
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 4
     );
-    shutdown.cancel();
-    consumer.join().await;
-    broker.close().await;
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_whose_queue_is_deleted_re_declares_it_and_resumes() {
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
+    let mut fixture = Fixture::without_database(support::fast_retry(3)).await;
     let seen = Arc::new(Mutex::new(HashSet::new()));
-    let shutdown = CancellationToken::new();
-    let consumer = spawn_consumer(
-        broker.clone(),
-        names.queue.clone(),
-        ConsumerOptions {
-            app_id: "test".into(),
-            ..Default::default()
-        },
-        Collect(seen.clone()),
-        shutdown.clone(),
-    );
+    let consumer = fixture.consume(Collect(seen.clone()), support::consumer_options());
     testkit::wait_until("subscribed", Duration::from_secs(10), || async {
         consumer.is_subscribed()
     })
     .await;
 
-    let (_conn, ch) = support::raw_channel().await;
-    ch.queue_delete(
-        names.queue.name.as_str().into(),
-        QueueDeleteOptions::default(),
-    )
-    .await
-    .expect("delete queue");
+    fixture
+        .channel()
+        .queue_delete(
+            fixture.names.queue.name.as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("delete queue");
 
-    let stats = consumer.stats();
+    let stats = consumer.stats.clone();
     testkit::wait_until("re-subscribed", Duration::from_secs(10), || async {
         stats
             .subscriptions
@@ -164,8 +140,9 @@ async fn a_consumer_whose_queue_is_deleted_re_declares_it_and_resumes() {
             && consumer.is_subscribed()
     })
     .await;
-    let message = OutgoingMessage::new(&names.exchange, "after.delete", "t", b"x".to_vec());
-    Publisher::new(broker.clone(), "test")
+    let message = OutgoingMessage::new(&fixture.names.exchange, "after.delete", "t", b"x".to_vec());
+    fixture
+        .publisher()
         .publish(&message)
         .await
         .expect("routable again: bindings restored");
@@ -175,29 +152,21 @@ async fn a_consumer_whose_queue_is_deleted_re_declares_it_and_resumes() {
         || async { seen.lock().expect("set").contains(&message.message_id) },
     )
     .await;
-    shutdown.cancel();
-    consumer.join().await;
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_in_flight_when_the_connection_dies_fails_promptly_and_never_falsely_succeeds() {
-    let names = Names::new(support::fast_retry(3));
-    support::init_tracing();
-    let proxy = testkit::TcpProxy::start("127.0.0.1:5672")
-        .await
-        .expect("proxy");
-    let settings = support::settings().with_host_port("127.0.0.1", proxy.port());
-    let broker = Broker::connect(settings, names.topology())
-        .await
-        .expect("connect");
+    let mut fixture = Fixture::without_database(support::fast_retry(3)).await;
+    let (proxy, broker) = fixture.proxied_broker(|_| {}).await;
     let publisher = Publisher::new(broker.clone(), "test");
+    let exchange = fixture.names.exchange.clone();
     publisher
-        .publish(&OutgoingMessage::new(&names.exchange, "warm", "t", vec![]))
+        .publish(&OutgoingMessage::new(&exchange, "warm", "t", vec![]))
         .await
         .expect("warm up");
     let batch: Vec<_> = (0..3_000)
-        .map(|_| OutgoingMessage::new(&names.exchange, "k", "t", vec![0u8; 1024]))
+        .map(|_| OutgoingMessage::new(&exchange, "k", "t", vec![0u8; 1024]))
         .collect();
     let started = std::time::Instant::now();
 
@@ -223,9 +192,8 @@ async fn a_publish_in_flight_when_the_connection_dies_fails_promptly_and_never_f
         .filter(|(_, r)| r.is_ok())
         .map(|(m, _)| m.message_id.clone())
         .collect();
-    let (_conn, ch) = support::raw_channel().await;
     let mut queued = HashSet::new();
-    while let Some(got) = support::get(&ch, &names.queue.name).await {
+    while let Some(got) = fixture.get().await {
         if let Some(id) = got.delivery.properties.message_id() {
             queued.insert(id.to_string());
         }
@@ -235,16 +203,17 @@ async fn a_publish_in_flight_when_the_connection_dies_fails_promptly_and_never_f
         "a publish reported success without reaching the queue"
     );
     proxy.restore();
-    names.cleanup().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reconnect_that_freezes_while_declaring_the_topology_gives_up_and_tries_again() {
-    let names = Names::new(support::fast_retry(3));
+    let mut fixture = Fixture::without_database(support::fast_retry(3)).await;
     // No heartbeats: nothing but the supervisor's own bound notices a peer that
     // stopped answering.
-    let (proxy, broker) =
-        support::proxied_broker(&names, |settings| settings.heartbeat = Duration::ZERO).await;
+    let (proxy, broker) = fixture
+        .proxied_broker(|settings| settings.heartbeat = Duration::ZERO)
+        .await;
     proxy.stall_next_declare();
     proxy.sever();
     testkit::wait_until(
@@ -262,9 +231,8 @@ async fn a_reconnect_that_freezes_while_declaring_the_topology_gives_up_and_trie
     let publisher = Publisher::new(broker.clone(), "test");
     publish_until_confirmed(
         &publisher,
-        &OutgoingMessage::new(&names.exchange, "k", "t", b"after".to_vec()),
+        &OutgoingMessage::new(&fixture.names.exchange, "k", "t", b"after".to_vec()),
     )
     .await;
-    broker.close().await;
-    names.cleanup().await;
+    fixture.finish().await;
 }

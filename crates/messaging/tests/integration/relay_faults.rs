@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use messaging::{Backoff, Publisher, RelayOptions, spawn_relay};
-use tokio_util::sync::CancellationToken;
+use messaging::{Backoff, RelayOptions};
 
-use crate::support::{self, Names};
+use crate::support::{self, Fixture};
 
 fn parking_relay() -> RelayOptions {
     RelayOptions {
@@ -19,47 +18,31 @@ fn parking_relay() -> RelayOptions {
     }
 }
 
-fn start_relay(
-    pool: &sqlx::PgPool,
-    broker: &messaging::Broker,
-    shutdown: &CancellationToken,
-) -> messaging::RelayHandle {
-    spawn_relay(
-        pool.clone(),
-        Publisher::new(broker.clone(), "test"),
-        parking_relay(),
-        shutdown.clone(),
-    )
-}
-
-/// Waits until `queue` holds `n` ready messages (the good rows went out).
-async fn wait_for_ready(ch: &lapin::Channel, queue: &str, n: u32) {
+/// Waits until the queue holds `n` ready messages (the good rows went out).
+async fn wait_for_ready(fixture: &Fixture, n: u32) {
     testkit::wait_until(
         &format!("{n} good rows in the queue"),
         Duration::from_secs(15),
-        || async { support::ready(ch, queue).await == n },
+        || async { fixture.ready().await == n },
     )
     .await;
 }
 
-async fn commit_good_rows(pool: &sqlx::PgPool, exchange: &str, n: usize) {
+async fn commit_good_rows(fixture: &Fixture, n: usize) {
     for i in 0..n {
-        support::commit_event(pool, exchange, &format!("good.{i}")).await;
+        fixture.commit_event(&format!("good.{i}")).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_for_a_missing_exchange_is_parked_with_its_reason_and_the_rows_behind_it_flow() {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let shutdown = CancellationToken::new();
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
     // The bad row is first in seq order: the one every claim meets first.
-    let bad = support::commit_event(&db.pool, &format!("{}.missing", names.exchange), "bad").await;
-    commit_good_rows(&db.pool, &names.exchange, 20).await;
-    let relay = start_relay(&db.pool, &broker, &shutdown);
-    let (_conn, ch) = support::raw_channel().await;
-    wait_for_ready(&ch, &names.queue.name, 20).await;
+    let missing = format!("{}.missing", fixture.names.exchange);
+    let bad = support::commit_event(fixture.pool(), &missing, "bad").await;
+    commit_good_rows(&fixture, 20).await;
+    let relay = fixture.relay_with(parking_relay());
+    wait_for_ready(&fixture, 20).await;
     let (failures, error): (i32, String) = testkit::wait_for(
         "the bad row to be parked",
         Duration::from_secs(30),
@@ -68,7 +51,7 @@ async fn a_row_for_a_missing_exchange_is_parked_with_its_reason_and_the_rows_beh
                 "SELECT failures, last_error FROM outbox WHERE id = $1 AND parked_at IS NOT NULL",
             )
             .bind(bad)
-            .fetch_optional(&db.pool)
+            .fetch_optional(fixture.pool())
             .await
             .expect("query")
         },
@@ -84,63 +67,49 @@ async fn a_row_for_a_missing_exchange_is_parked_with_its_reason_and_the_rows_beh
     // A parked row is not claimed again.
     let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM outbox WHERE id = $1")
         .bind(bad)
-        .fetch_one(&db.pool)
+        .fetch_one(fixture.pool())
         .await
         .expect("attempts");
-    commit_good_rows(&db.pool, &names.exchange, 1).await;
-    wait_for_ready(&ch, &names.queue.name, 21).await;
+    commit_good_rows(&fixture, 1).await;
+    wait_for_ready(&fixture, 21).await;
     let later: i32 = sqlx::query_scalar("SELECT attempts FROM outbox WHERE id = $1")
         .bind(bad)
-        .fetch_one(&db.pool)
+        .fetch_one(fixture.pool())
         .await
         .expect("attempts");
     assert_eq!(later, attempts, "a parked row stays where it is");
-    shutdown.cancel();
-    relay.join().await;
-    broker.close().await;
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreadable_row_is_parked_at_once_and_the_rows_behind_it_flow() {
-    let db = support::database().await;
-    let names = Names::new(support::fast_retry(3));
-    let broker = support::broker(&names).await;
-    let shutdown = CancellationToken::new();
+    let mut fixture = Fixture::new(support::fast_retry(3)).await;
     // Stored headers must be a map of strings; this one holds a number.
     sqlx::query(
         "INSERT INTO outbox (id, exchange, routing_key, type, payload, headers)
          VALUES (gen_random_uuid(), $1, 'bad', 't', '\\x00', '{\"x-count\": 1}')",
     )
-    .bind(&names.exchange)
-    .execute(&db.pool)
+    .bind(&fixture.names.exchange)
+    .execute(fixture.pool())
     .await
     .expect("insert");
-    commit_good_rows(&db.pool, &names.exchange, 10).await;
-    let relay = start_relay(&db.pool, &broker, &shutdown);
-    let (_conn, ch) = support::raw_channel().await;
-    wait_for_ready(&ch, &names.queue.name, 10).await;
+    commit_good_rows(&fixture, 10).await;
+    fixture.relay_with(parking_relay());
+    wait_for_ready(&fixture, 10).await;
     let error: String =
         testkit::wait_for("the row to be parked", Duration::from_secs(10), || async {
             sqlx::query_scalar("SELECT last_error FROM outbox WHERE parked_at IS NOT NULL")
-                .fetch_optional(&db.pool)
+                .fetch_optional(fixture.pool())
                 .await
                 .expect("query")
         })
         .await;
     assert!(error.contains("unreadable"), "{error}");
     assert_eq!(
-        support::count(
-            &db.pool,
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL"
-        )
-        .await,
+        fixture
+            .count("SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL")
+            .await,
         0
     );
-    shutdown.cancel();
-    relay.join().await;
-    broker.close().await;
-    names.cleanup().await;
-    db.drop_db().await;
+    fixture.finish().await;
 }

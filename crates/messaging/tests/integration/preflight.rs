@@ -73,9 +73,9 @@ async fn amqps_with_a_configured_ca_file_connects_and_round_trips() {
     let proxy = testkit::TlsProxy::start("127.0.0.1:5672")
         .await
         .expect("tls proxy");
-    let dir = std::env::temp_dir().join(testkit::unique("ca"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let ca_file = dir.join("ca.pem");
+    let dir = TempDir(std::env::temp_dir().join(testkit::unique("ca")));
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let ca_file = dir.0.join("ca.pem");
     std::fs::write(&ca_file, proxy.ca_pem()).expect("write CA");
     let url = testkit::amqp_url().replacen("amqp://", "amqps://", 1);
     let mut fixture = support::Fixture::without_database(support::fast_retry(3)).await;
@@ -102,5 +102,13 @@ async fn amqps_with_a_configured_ca_file_connects_and_round_trips() {
         .expect_err("untrusted");
     assert!(matches!(err, ConnectError::Tls { .. }), "{err}");
     fixture.finish().await;
-    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A directory removed on drop, also when the test fails.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

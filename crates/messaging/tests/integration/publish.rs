@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use lapin::{
-    options::{QueueDeclareOptions, QueueDeleteOptions},
+    options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable},
 };
 use messaging::{OutgoingMessage, PublishError, Publisher};
@@ -108,6 +108,7 @@ async fn a_nacked_publish_is_an_error() {
     let fixture = Fixture::without_database(support::fast_retry(3)).await;
     let publisher = fixture.publisher();
     // A queue that holds nothing and rejects publishes when full: the broker nacks.
+    // Exclusive: it goes with the fixture's connection, also when the test fails.
     let full = testkit::unique("t.full");
     let ch = fixture.channel();
     let mut args = FieldTable::default();
@@ -116,7 +117,11 @@ async fn a_nacked_publish_is_an_error() {
         "x-overflow".into(),
         AMQPValue::LongString("reject-publish".into()),
     );
-    ch.queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(full.as_str().into(), exclusive, args)
         .await
         .expect("declare full queue");
 
@@ -125,9 +130,6 @@ async fn a_nacked_publish_is_an_error() {
         .await;
 
     assert!(matches!(result, Err(PublishError::Nacked)), "{result:?}");
-    let _ = ch
-        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
-        .await;
     fixture.finish().await;
 }
 

@@ -70,9 +70,9 @@ pub struct OrderEvent {
 
 impl InboxHandler for OrderEvents {
     type Event = OrderEvent;
-    /// Whether a notification row was recorded (none when one exists for the
-    /// order and event already).
-    type Output = bool;
+    /// The notification recorded now (none when one exists for the order and
+    /// event already): what the webhook delivers, without reading it back.
+    type Output = Option<store::Pending>;
 
     fn decode(&self, message: &IncomingMessage) -> Result<OrderEvent, String> {
         let (order_id, event) = Event::decode_expected(
@@ -98,7 +98,7 @@ impl InboxHandler for OrderEvents {
         tx: &'a mut PgConnection,
         message: &'a IncomingMessage,
         event: &'a OrderEvent,
-    ) -> BoxFuture<'a, Result<bool, ApplyError>> {
+    ) -> BoxFuture<'a, Result<Option<store::Pending>, ApplyError>> {
         let OrderEvent { order_id, event } = event;
         let name = event.routing_key();
         let channel = if self.webhook.is_some() {
@@ -112,29 +112,41 @@ impl InboxHandler for OrderEvents {
             "message_id": message.message_id,
             "summary": summary(event),
         });
-        let new = store::New {
-            order_id: *order_id,
-            event: name,
-            message_id: &message.message_id,
-            channel,
-            body,
-            delivered: channel == "log",
-        };
         let span = tracing::info_span!("notify", shop.order_id = %order_id, shop.event = name);
-        Box::pin(async move { Ok(store::record(tx, new).await?) }.instrument(span))
+        Box::pin(
+            async move {
+                let new = store::New {
+                    order_id: *order_id,
+                    event: name,
+                    message_id: &message.message_id,
+                    channel,
+                    body: &body,
+                    delivered: channel == "log",
+                };
+                let recorded = store::record(tx, new).await?;
+                Ok(recorded.map(|id| store::Pending {
+                    id,
+                    message_id: message.message_id.clone(),
+                    body,
+                }))
+            }
+            .instrument(span),
+        )
     }
 
     /// Logs a notification recorded now, and delivers the webhook one that is
-    /// still undelivered (also on a redelivery, which finds it recorded).
+    /// still undelivered: the one just recorded as it is, else (a redelivery,
+    /// or a notification recorded for the event before) read back.
     async fn after(
         &self,
         _message: &IncomingMessage,
         event: &OrderEvent,
-        recorded: Option<bool>,
+        recorded: Option<Option<store::Pending>>,
     ) -> Outcome {
         let OrderEvent { order_id, event } = event;
         let name = event.routing_key();
-        if recorded == Some(true) {
+        let recorded = recorded.flatten();
+        if recorded.is_some() {
             tracing::info!(order_id = %order_id, event = name, "notification: {}", summary(event));
         }
         let Some(webhook) = &self.webhook else {
@@ -143,14 +155,22 @@ impl InboxHandler for OrderEvents {
         let span =
             tracing::info_span!("deliver webhook", shop.order_id = %order_id, shop.event = name);
         async {
-            let pending = match store::pending_webhook(&self.pool, *order_id, name).await {
-                Ok(p) => p,
-                Err(e) => return Outcome::database(&e),
+            let pending = match recorded {
+                Some(now) => Some(now),
+                None => match store::pending_webhook(&self.pool, *order_id, name).await {
+                    Ok(p) => p,
+                    Err(e) => return Outcome::database(&e),
+                },
             };
-            let Some((id, first_message_id, body)) = pending else {
+            let Some(store::Pending {
+                id,
+                message_id,
+                body,
+            }) = pending
+            else {
                 return Outcome::Ack;
             };
-            match webhook.post(&first_message_id, &body).await {
+            match webhook.post(&message_id, &body).await {
                 Ok(()) => match store::mark_delivered(&self.pool, id).await {
                     Ok(()) => Outcome::Ack,
                     Err(e) => Outcome::database(&e),

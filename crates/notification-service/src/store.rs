@@ -25,30 +25,41 @@ pub struct New<'a> {
     pub event: &'a str,
     pub message_id: &'a str,
     pub channel: &'a str,
-    pub body: serde_json::Value,
+    pub body: &'a serde_json::Value,
     /// Delivered on recording (the log channel).
     pub delivered: bool,
 }
 
 /// Records the notification unless one exists for (order, event); returns
-/// whether it was new.
-pub async fn record(tx: &mut PgConnection, new: New<'_>) -> Result<bool, sqlx::Error> {
-    Ok(sqlx::query(
+/// the new row's id, `None` when one existed.
+pub async fn record(tx: &mut PgConnection, new: New<'_>) -> Result<Option<Uuid>, sqlx::Error> {
+    let id = Uuid::now_v7();
+    let inserted = sqlx::query(
         "INSERT INTO notifications (id, order_id, event, message_id, channel, body, delivered_at)
          VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $7 THEN now() END)
          ON CONFLICT (order_id, event) DO NOTHING",
     )
-    .bind(Uuid::now_v7())
+    .bind(id)
     .bind(new.order_id)
     .bind(new.event)
     .bind(new.message_id)
     .bind(new.channel)
-    .bind(&new.body)
+    .bind(new.body)
     .bind(new.delivered)
     .execute(tx)
     .await?
     .rows_affected()
-        == 1)
+        == 1;
+    Ok(inserted.then_some(id))
+}
+
+/// A webhook notification to deliver: its row, the message id that caused it
+/// (the webhook's idempotency key) and its body.
+#[derive(Debug)]
+pub struct Pending {
+    pub id: Uuid,
+    pub message_id: String,
+    pub body: serde_json::Value,
 }
 
 /// The undelivered webhook notification of (order, event), if any.
@@ -56,7 +67,7 @@ pub async fn pending_webhook(
     pool: &PgPool,
     order_id: Uuid,
     event: &str,
-) -> Result<Option<(Uuid, String, serde_json::Value)>, sqlx::Error> {
+) -> Result<Option<Pending>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT id, message_id, body FROM notifications
          WHERE order_id = $1 AND event = $2 AND channel = 'webhook' AND delivered_at IS NULL",
@@ -66,11 +77,11 @@ pub async fn pending_webhook(
     .fetch_optional(pool)
     .await?;
     row.map(|r| {
-        Ok((
-            r.try_get("id")?,
-            r.try_get("message_id")?,
-            r.try_get("body")?,
-        ))
+        Ok(Pending {
+            id: r.try_get("id")?,
+            message_id: r.try_get("message_id")?,
+            body: r.try_get("body")?,
+        })
     })
     .transpose()
 }

@@ -58,8 +58,9 @@ impl<H: Handler> Runtime<H> {
             }
         }
         if taken.len() <= 1 {
-            for delivery in &taken {
-                self.process(delivery, subscription, true).await;
+            // Alone: its envelope is checked already, its body copied once.
+            for (delivery, message) in taken.iter().zip(messages) {
+                self.process_checked(delivery, message, subscription).await;
             }
             return;
         }

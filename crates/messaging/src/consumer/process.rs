@@ -22,6 +22,31 @@ impl<H: Handler> Runtime<H> {
         self: &Arc<Self>,
         delivery: &Delivery,
         subscription: &Subscription,
+        first_run: bool,
+    ) {
+        self.run_to_verdict(delivery, None, subscription, first_run)
+            .await;
+    }
+
+    /// [`Self::process`] of a delivery whose envelope `message` the caller
+    /// checked already (a first run).
+    pub(super) async fn process_checked(
+        self: &Arc<Self>,
+        delivery: &Delivery,
+        message: IncomingMessage,
+        subscription: &Subscription,
+    ) {
+        self.run_to_verdict(delivery, Some(message), subscription, true)
+            .await;
+    }
+
+    /// Checks the envelope (unless `checked` is given), runs the handler
+    /// (again after a pause), and settles what it finally answered.
+    async fn run_to_verdict(
+        self: &Arc<Self>,
+        delivery: &Delivery,
+        mut checked: Option<IncomingMessage>,
+        subscription: &Subscription,
         mut first_run: bool,
     ) {
         let mut unavailable_after_resume = 0u32;
@@ -30,7 +55,11 @@ impl<H: Handler> Runtime<H> {
             if !matches!(self.resumed(subscription.generation).await, Gate::Open) {
                 return;
             }
-            let message = match self.envelope(delivery) {
+            let envelope = match checked.take() {
+                Some(message) => Ok(message),
+                None => self.envelope(delivery),
+            };
+            let message = match envelope {
                 Ok(message) => message,
                 Err(reason) => {
                     tracing::warn!(queue = %self.queue.name, %reason, "poison message; dead-lettering");

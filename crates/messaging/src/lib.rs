@@ -16,6 +16,8 @@
 //!  migrations                 embedded, own history table
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod availability;
 mod backoff;
 #[macro_use]

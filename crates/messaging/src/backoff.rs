@@ -4,9 +4,17 @@
 
 use std::time::Duration;
 
+/// A backoff policy: how long to wait before retry attempt `n` (see the module
+/// text). The default is 100 ms doubling up to 10 s. Used for reconnecting
+/// ([`AmqpSettings::backoff`](crate::AmqpSettings::backoff)), re-subscribing and
+/// probing a paused consumer ([`ConsumerOptions::backoff`](crate::ConsumerOptions::backoff)),
+/// and the relay's pauses after failed rounds and its per-row back-off
+/// ([`RelayOptions`](crate::RelayOptions)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
+    /// The ceiling of the first delay (attempt 0); it doubles with each attempt.
     pub initial: Duration,
+    /// The largest ceiling: delays never exceed it, however many attempts failed.
     pub max: Duration,
 }
 

@@ -39,6 +39,7 @@ impl Default for Heartbeat {
 }
 
 impl Heartbeat {
+    /// Records that the loop is alive now.
     pub fn beat(&self) {
         self.last.store(now_ms(), Ordering::Relaxed);
     }

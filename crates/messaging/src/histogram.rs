@@ -8,6 +8,10 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// Latencies in seconds, counted into fixed buckets with upper bounds from 1 ms
+/// to 5 s (1, 2.5, 5, 10, 25, 50, 100, 250, 500 ms, 1, 2.5, 5 s), cumulative as
+/// Prometheus expects; observations above 5 s count only in the total (`+Inf`).
+/// Safe to share between threads without a lock.
 #[derive(Debug, Default)]
 pub struct Histogram {
     /// Cumulative: slot `i` counts observations `<= BUCKETS[i]`.
@@ -17,6 +21,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Counts one observation of `seconds`.
     pub fn observe(&self, seconds: f64) {
         for (bound, slot) in BUCKETS.iter().zip(&self.counts) {
             if seconds <= *bound {
@@ -36,10 +41,13 @@ impl Histogram {
             .map(|(bound, slot)| (*bound, slot.load(Ordering::Relaxed)))
     }
 
+    /// Observations so far (the `+Inf` bucket and `_count` of a Prometheus
+    /// histogram).
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The sum of all observations, seconds, to the microsecond (`_sum`).
     pub fn sum_seconds(&self) -> f64 {
         self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
     }

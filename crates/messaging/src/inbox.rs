@@ -26,6 +26,10 @@ pub enum Processed<T> {
     Duplicate,
 }
 
+/// The inbox of one logical consumer on the service's database: commits each
+/// message's work at most once per message id (the `inbox` table, created by
+/// [`crate::migrations`]). Cheap to clone. Most services use it through
+/// [`crate::InboxConsumer`] rather than directly.
 #[derive(Clone, Debug)]
 pub struct Inbox {
     pool: PgPool,
@@ -42,6 +46,7 @@ impl Inbox {
         }
     }
 
+    /// The database the inbox records live in.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

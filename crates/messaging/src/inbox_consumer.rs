@@ -97,6 +97,10 @@ pub struct InboxConsumer<H> {
 }
 
 impl<H> InboxConsumer<H> {
+    /// Consumes with `handler`, deduplicating in `inbox`. Give each queue its
+    /// own inbox (named after the queue, as
+    /// [`RuntimeBuilder::consume_inbox`](crate::RuntimeBuilder::consume_inbox)
+    /// does): two consumers sharing one would each skip what the other did.
     pub fn new(inbox: Inbox, handler: H) -> Self {
         Self {
             inbox,

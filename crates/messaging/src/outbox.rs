@@ -28,20 +28,35 @@ use crate::{Backoff, OutgoingMessage, propagation};
 /// The `LISTEN`/`NOTIFY` channel the relay wakes on.
 pub const NOTIFY_CHANNEL: &str = "messaging_outbox";
 
-/// An event to publish once the surrounding transaction commits.
+/// An event to publish once the surrounding transaction commits; store it with
+/// [`enqueue`].
+///
+/// The broker must be able to route it when the relay publishes (the exchange
+/// exists and some queue is bound for the routing key: messages go out
+/// `mandatory`), else the row is refused, backs off alone and is parked after
+/// [`RelayOptions::park_after`](crate::RelayOptions::park_after) refusals.
 #[derive(Clone, Debug)]
 pub struct NewMessage {
+    /// The exchange to publish to.
     pub exchange: String,
+    /// The routing key to publish with.
     pub routing_key: String,
-    /// Full protobuf name, e.g. `shop.events.v1.OrderPlaced`.
+    /// The AMQP `type` consumers dispatch on (e.g. a protobuf full name).
     pub message_type: String,
+    /// The body. It goes out with the content type
+    /// [`CONTENT_TYPE_PROTOBUF`](crate::CONTENT_TYPE_PROTOBUF) whatever it
+    /// holds: the outbox stores no content type.
     pub payload: Vec<u8>,
+    /// The AMQP `correlation_id` (e.g. the id of the order a chain of events
+    /// is about); also tagged on the spans, see
+    /// [`propagation::set_correlation_attribute`].
     pub correlation_id: Option<String>,
     /// Extra string headers, published as AMQP headers.
     pub headers: HashMap<String, String>,
 }
 
 impl NewMessage {
+    /// A message without correlation id or extra headers.
     pub fn new(
         exchange: impl Into<String>,
         routing_key: impl Into<String>,
@@ -58,6 +73,7 @@ impl NewMessage {
         }
     }
 
+    /// The same message with `correlation_id` set to `id`.
     #[must_use]
     pub fn correlated(mut self, id: impl Into<String>) -> Self {
         self.correlation_id = Some(id.into());
@@ -67,6 +83,12 @@ impl NewMessage {
 
 /// Stores `message` in the caller's transaction and returns its message id.
 /// Nothing is published if the transaction rolls back.
+///
+/// The id (a UUIDv7) becomes the AMQP `message_id`: consumers deduplicate on
+/// it, and the relay publishes it under the same id however often it must.
+/// The current span's trace context is stored with the row, so the consumer's
+/// span continues this trace. Needs the `outbox` table ([`crate::migrations`],
+/// which [`Runtime`](crate::Runtime) runs at start).
 #[tracing::instrument(skip_all, fields(messaging.destination.name = %message.exchange, messaging.rabbitmq.destination.routing_key = %message.routing_key))]
 pub async fn enqueue(tx: &mut PgConnection, message: NewMessage) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::now_v7();

@@ -15,24 +15,39 @@ use uuid::Uuid;
 /// Why a call on parked rows changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ParkedError {
+    /// The database failed; the transaction was rolled back.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// Some ids named are not parked rows (unknown, not parked, or already
+    /// discarded); nothing changed.
     #[error("not a parked outbox row: {}", ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(", "))]
-    NotParked { ids: Vec<Uuid> },
+    NotParked {
+        /// The ids that are not parked rows.
+        ids: Vec<Uuid>,
+    },
 }
 
 /// One parked row.
 #[derive(Clone, Debug)]
 pub struct ParkedRow {
+    /// The row's id, which is also the message id it is published under.
     pub id: Uuid,
+    /// The exchange it is for.
     pub exchange: String,
+    /// The routing key it is for.
     pub routing_key: String,
+    /// The AMQP `type` of the message.
     pub message_type: String,
+    /// The message's correlation id, if it has one.
     pub correlation_id: Option<String>,
+    /// When the row was written (its transaction's time).
     pub created_at: DateTime<Utc>,
+    /// When the relay parked it.
     pub parked_at: DateTime<Utc>,
-    /// Refusals of this row by the broker.
+    /// Failures of this row since it was last retried: the broker's refusals,
+    /// or 1 for a row parked because it cannot be read.
     pub failures: i32,
+    /// The last refusal, or why the row cannot be read.
     pub last_error: Option<String>,
     /// Payload size in bytes.
     pub size: i64,
@@ -41,7 +56,9 @@ pub struct ParkedRow {
 /// Which parked rows a call applies to.
 #[derive(Clone, Debug)]
 pub enum Rows {
+    /// Every parked row not discarded.
     All,
+    /// These rows; an id that is not a parked, undiscarded row fails the call.
     Ids(Vec<Uuid>),
 }
 

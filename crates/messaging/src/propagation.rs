@@ -33,7 +33,9 @@ pub fn tag_correlation(span: &Span, correlation_id: Option<&str>) {
     }
 }
 
+/// The W3C header with the trace id, parent span id and flags.
 pub const TRACEPARENT: &str = "traceparent";
+/// The W3C header with vendor-specific trace state.
 pub const TRACESTATE: &str = "tracestate";
 
 /// Writes the trace context of `cx` into `headers` (nothing if `cx` has no span).

@@ -11,14 +11,20 @@ use crate::backoff::Backoff;
 #[derive(Clone)]
 pub struct AmqpSettings {
     uri: AMQPUri,
-    /// Seconds between heartbeats; a dead peer is noticed within about two of these.
+    /// The AMQP heartbeat timeout proposed to the broker, in whole seconds (the
+    /// URL's `heartbeat`, default 10 s). Heartbeat frames go out every half of
+    /// it, and a peer silent for twice it is taken for dead: the connection is
+    /// dropped and rebuilt.
     pub heartbeat: Duration,
-    /// Bounds the whole connect (TCP, TLS and AMQP handshake), not only the TCP part.
+    /// Bounds the whole connect (TCP, TLS and AMQP handshake), not only the TCP
+    /// part, and then the topology declaration on the new connection (the URL's
+    /// `connection_timeout` in milliseconds, default 10 s).
     pub connect_timeout: Duration,
     /// PEM file with the CA certificates to trust for `amqps://`; the platform's
     /// roots are used when unset.
     pub ca_file: Option<PathBuf>,
-    /// Delay between reconnection attempts.
+    /// Delay between reconnection attempts (default 100 ms doubling up to 10 s,
+    /// jittered).
     pub backoff: Backoff,
     /// Shown in the RabbitMQ management UI, so operators can tell processes apart
     /// (default: the program's file name).
@@ -78,22 +84,28 @@ impl AmqpSettings {
         self
     }
 
+    /// The user name of the URL.
     pub fn user(&self) -> &str {
         &self.uri.authority.userinfo.username
     }
 
+    /// The virtual host of the URL, percent-decoded (`/` is written `%2f`).
     pub fn vhost(&self) -> &str {
         &self.uri.vhost
     }
 
+    /// The broker's host.
     pub fn host(&self) -> &str {
         &self.uri.authority.host
     }
 
+    /// The broker's port (5672 for `amqp://`, 5671 for `amqps://` when the URL
+    /// names none).
     pub fn port(&self) -> u16 {
         self.uri.authority.port
     }
 
+    /// True for an `amqps://` URL.
     pub fn is_tls(&self) -> bool {
         self.uri.scheme == AMQPScheme::AMQPS
     }

@@ -28,7 +28,12 @@ pub(crate) struct Link {
     pub(crate) connection: Option<Arc<Connection>>,
 }
 
-/// A cheap-to-clone handle on the supervised connection.
+/// A cheap-to-clone handle on the supervised connection. Clones share the
+/// connection and its supervisor; [`Broker::close`] stops both for every clone.
+/// A service built on [`Runtime`](crate::Runtime) never makes one itself (the
+/// runtime opens a publish and a consume `Broker`); the low-level API
+/// ([`Publisher::new`](crate::Publisher::new), [`spawn_consumer`](crate::spawn_consumer))
+/// takes one.
 #[derive(Clone, Debug)]
 pub struct Broker {
     inner: Arc<Inner>,
@@ -48,6 +53,13 @@ pub(super) struct Inner {
 
 impl Broker {
     /// Connects, declares `topology`, and starts supervising the connection.
+    ///
+    /// This is the startup preflight: any failure (broker unreachable, refused
+    /// credentials, missing vhost, TLS, a topology the broker rejects, no answer
+    /// within [`AmqpSettings::connect_timeout`]) is returned at once as one
+    /// [`ConnectError`], and nothing is retried. Once connected, a lost
+    /// connection is rebuilt in the background with [`AmqpSettings::backoff`]
+    /// and the topology declared again on it, for as long as it takes.
     #[tracing::instrument(skip_all, fields(broker = %settings))]
     pub async fn connect(settings: AmqpSettings, topology: Topology) -> Result<Self, ConnectError> {
         let connection = open(&settings).await?;
@@ -73,11 +85,14 @@ impl Broker {
         Ok(broker)
     }
 
+    /// The settings this broker connects with (`Display` shows them without
+    /// the password).
     pub fn settings(&self) -> &AmqpSettings {
         &self.inner.settings
     }
 
-    /// True while a connection is open (for readiness).
+    /// True while a connection is open (for readiness). False while the
+    /// supervisor is reconnecting and after [`Broker::close`].
     pub fn is_connected(&self) -> bool {
         self.inner
             .link
@@ -87,7 +102,9 @@ impl Broker {
             .is_some_and(|c| c.status().connected())
     }
 
-    /// True while the broker blocks publishing (a memory or disk alarm).
+    /// True while the broker blocks publishing on this connection (a memory or
+    /// disk alarm); reset when the connection is lost. Publishing on a blocked
+    /// connection fails at once with [`PublishError::Blocked`](crate::PublishError::Blocked).
     pub fn is_blocked(&self) -> bool {
         self.inner.blocked.load(Ordering::Relaxed)
     }
@@ -100,12 +117,14 @@ impl Broker {
         }
     }
 
-    /// The supervisor's heartbeat: it stops only if the supervisor is wedged.
+    /// The supervisor's heartbeat (liveness): it beats while the connection is
+    /// up and while reconnecting, and stops only if the supervisor is wedged.
     pub fn heartbeat(&self) -> &Heartbeat {
         &self.inner.heartbeat
     }
 
-    /// How many times the connection was rebuilt since startup.
+    /// How many times the connection was rebuilt since [`Broker::connect`]
+    /// (0 while the first connection holds).
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(Ordering::Relaxed)
     }
@@ -166,7 +185,10 @@ impl Broker {
         }
     }
 
-    /// Stops supervising and closes the connection. Call after consumers stopped.
+    /// Stops supervising and closes the connection (waiting at most 5 s for the
+    /// broker to confirm the close). Call after the consumers on it stopped:
+    /// their unsettled deliveries go back to the queue when it closes. Every
+    /// clone of this handle is closed with it.
     pub async fn close(&self) {
         self.inner.shutdown.cancel();
         let link = self.current();

@@ -15,34 +15,88 @@ use crate::AmqpSettings;
 /// that names what is wrong and never the password.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// No TCP connection: refused, timed out, host or network unreachable, or
+    /// the host name does not resolve. Check the host and port of the URL and
+    /// that the broker runs.
     #[error("RabbitMQ unreachable at {endpoint}: {reason}")]
-    Unreachable { endpoint: String, reason: String },
-    #[error("RabbitMQ refused access for user '{user}' on vhost '{vhost}' at {endpoint}: {reason}")]
-    AccessRefused {
+    Unreachable {
+        /// `host:port` that was dialled.
         endpoint: String,
-        user: String,
-        vhost: String,
+        /// The client library's error.
         reason: String,
     },
+    /// The broker refused the credentials (or closed the socket during login,
+    /// which is how some brokers refuse them).
+    #[error("RabbitMQ refused access for user '{user}' on vhost '{vhost}' at {endpoint}: {reason}")]
+    AccessRefused {
+        /// `host:port` of the broker.
+        endpoint: String,
+        /// The user name of the URL.
+        user: String,
+        /// The virtual host of the URL.
+        vhost: String,
+        /// The client library's error.
+        reason: String,
+    },
+    /// The login worked but the virtual host cannot be opened: it does not
+    /// exist, or the user has no permissions on it.
     #[error(
         "RabbitMQ at {endpoint} has no vhost '{vhost}' (or user '{user}' may not use it): {reason}"
     )]
     VhostNotFound {
+        /// `host:port` of the broker.
         endpoint: String,
+        /// The user name of the URL.
         user: String,
+        /// The virtual host of the URL.
         vhost: String,
+        /// The client library's error.
         reason: String,
     },
+    /// The TLS handshake of an `amqps://` URL failed (untrusted or invalid
+    /// certificate, protocol mismatch); see [`AmqpSettings::ca_file`].
     #[error("TLS connection to RabbitMQ at {endpoint} failed: {reason}")]
-    Tls { endpoint: String, reason: String },
+    Tls {
+        /// `host:port` of the broker.
+        endpoint: String,
+        /// The client library's error.
+        reason: String,
+    },
+    /// [`AmqpSettings::ca_file`] could not be read.
     #[error("cannot read the AMQP CA file {path}: {reason}")]
-    CaFile { path: String, reason: String },
+    CaFile {
+        /// The file as configured.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// Connecting (TCP, TLS and the AMQP handshake) or declaring the topology
+    /// took longer than [`AmqpSettings::connect_timeout`].
     #[error("RabbitMQ at {endpoint} did not complete the connection within {timeout:?}")]
-    Timeout { endpoint: String, timeout: Duration },
+    Timeout {
+        /// `host:port` of the broker.
+        endpoint: String,
+        /// The timeout that passed.
+        timeout: Duration,
+    },
+    /// The broker refused part of the [`Topology`](crate::Topology), typically
+    /// a queue or exchange that already exists with other arguments (406
+    /// `PRECONDITION_FAILED`), or a binding to an exchange that does not exist.
     #[error("declaring the broker topology on {endpoint} failed: {reason}")]
-    Topology { endpoint: String, reason: String },
+    Topology {
+        /// `host:port` of the broker.
+        endpoint: String,
+        /// The broker's or client library's error.
+        reason: String,
+    },
+    /// Any other failure while connecting.
     #[error("connecting to RabbitMQ at {endpoint} failed: {reason}")]
-    Other { endpoint: String, reason: String },
+    Other {
+        /// `host:port` of the broker.
+        endpoint: String,
+        /// The client library's error.
+        reason: String,
+    },
 }
 
 pub(super) fn classify(

@@ -7,10 +7,11 @@
 //!                 ▼
 //!          handler (span "process <queue>", child of the message's trace)
 //!     Ack ─▶ ack
-//!     Retry ─▶ attempts left? ─yes─▶ Q.retry.<delay> (attempt+1) ─▶ ack
+//!     Retry ─▶ attempts left? ─yes─▶ Q.retry.<ms>ms (attempt+1) ─▶ ack
 //!                             └─no──▶ DLQ (reason, attempts) ─▶ ack
-//!     Reject / panic-free permanent failure ─▶ DLQ (reason) ─▶ ack
+//!     Reject (a permanent failure) ─▶ DLQ (reason) ─▶ ack
 //!     Unavailable (a dependency is down) ─▶ pause; the message waits, unsettled
+//!     a panic in the handler ─▶ Retry
 //!     no answer within the handler deadline ─▶ Retry (counted as timed out)
 //! ```
 //!
@@ -22,10 +23,12 @@
 //! is dead-lettered because a database was away, however long.
 //!
 //! Moving a message (to a retry queue or the DLQ) is a confirmed publish followed
-//! by the ack (published on [`ConsumerOptions::publisher`], another connection,
-//! so a broker alarm that blocks publishing does not stop this one's acks), so a crash in between duplicates, never loses; inbox dedup absorbs
-//! the duplicate. If the move fails the delivery is nacked back to the queue, where
-//! the queue's `x-delivery-limit` bounds how often that can happen.
+//! by the ack (published on [`ConsumerOptions::publisher`], which a
+//! [`Runtime`](crate::Runtime) puts on another connection, so a broker alarm
+//! that blocks publishing does not stop this one's acks), so a crash in between
+//! duplicates, never loses; inbox dedup absorbs the duplicate. If the move
+//! fails the delivery is nacked back to the queue, where the queue's
+//! `x-delivery-limit` bounds how often that can happen.
 //!
 //! The runtime re-subscribes by itself after a reconnect and after a broker-side
 //! cancel (queue deleted), re-declaring the queue first. On shutdown it cancels the
@@ -86,10 +89,13 @@ pub mod headers {
     pub const LAST_ERROR: &str = "x-last-error";
     /// Why the runtime dead-lettered the message.
     pub const DEATH_REASON: &str = "x-death-reason";
-    /// Handler runs made before dead-lettering.
+    /// Handler runs made before dead-lettering (0 for a poison message).
     pub const ATTEMPTS: &str = "x-attempts";
-    /// Where the message was first published, kept across retries.
+    /// The exchange the message was first published to, kept across retries,
+    /// dead-lettering and redrives.
     pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
+    /// The routing key the message was first published with, kept like
+    /// [`ORIGINAL_EXCHANGE`].
     pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
     /// The queue whose consumer gave up on the message.
     pub const FAILED_QUEUE: &str = "x-failed-queue";

@@ -3,15 +3,18 @@
 use super::channel::{bounded, close, declare_passive};
 use super::*;
 
-/// The depth of one DLQ, read every `every` on `broker`'s connection; -1 until
-/// first read and while it cannot be read (for metrics).
+/// The depth of one DLQ, read every `every` on `broker`'s connection (for
+/// metrics); made by [`watch_depth`].
 #[derive(Clone, Debug)]
 pub struct DepthProbe {
+    /// The consumer queue whose DLQ is watched (not the DLQ's own name).
     pub queue: String,
     depth: Arc<AtomicI64>,
 }
 
 impl DepthProbe {
+    /// Ready messages in the DLQ at the last read; `None` until the first read
+    /// and while it cannot be read (no connection, no such DLQ).
     pub fn depth(&self) -> Option<u64> {
         u64::try_from(self.depth.load(Ordering::Relaxed)).ok()
     }

@@ -25,8 +25,8 @@
 //! effect happens twice. One copy is in flight at a time, so a refused or
 //! unconfirmed copy is never overtaken by a later one.
 //!
-//! Files: this one (what a dead letter is, the errors), `operations` (list,
-//! show, redrive, purge), `channel` (bounded broker operations), `depth` (a
+//! Files: this one (what a dead letter is, the errors), `operations` (depth,
+//! list, redrive, purge), `channel` (bounded broker operations), `depth` (a
 //! DLQ's depth for metrics).
 
 use std::{
@@ -85,56 +85,105 @@ pub fn dlq_name(queue: &str) -> String {
 /// as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
+    /// [`DeadLetters::connect`] could not connect.
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The consumer queue named does not exist on the broker (a typo, or
+    /// another vhost).
     #[error("no queue '{0}' on the broker")]
     UnknownQueue(String),
+    /// The consumer queue exists but its DLQ does not (it was not declared by
+    /// this crate's [`Topology`]).
     #[error("queue '{queue}' has no dead-letter queue '{dlq}'")]
-    NoDeadLetterQueue { queue: String, dlq: String },
+    NoDeadLetterQueue {
+        /// The consumer queue.
+        queue: String,
+        /// The DLQ name that was looked for ([`dlq_name`]).
+        dlq: String,
+    },
+    /// [`Selection::Ids`] named ids that are not among the dead letters read;
+    /// nothing was moved.
     #[error("not in {dlq}: {}", ids.join(", "))]
-    UnknownIds { dlq: String, ids: Vec<String> },
+    UnknownIds {
+        /// The DLQ searched.
+        dlq: String,
+        /// The ids not found.
+        ids: Vec<String>,
+    },
+    /// No connection, or no answer to one broker operation, within the bound
+    /// (10 s).
     #[error("RabbitMQ did not answer within {0:?}")]
     Timeout(Duration),
+    /// A redrive found more dead letters than `limit`; nothing was moved.
+    /// Call again with a `limit` of at least `limit + not_read`.
     #[error(
         "{dlq} holds more than {limit} messages ({not_read} more): its oldest cannot be told from the rest, so nothing was moved; read at least {} at once",
         limit + *not_read as usize
     )]
     TooMany {
+        /// The DLQ read.
         dlq: String,
+        /// The `limit` of the call.
         limit: usize,
+        /// Messages the DLQ still held beyond those read.
         not_read: u32,
     },
+    /// The broker did not hand out the DLQ's next message in time, most
+    /// likely because the client cannot parse it; nothing was moved.
     #[error(
         "no message of {dlq} arrived within {timeout:?}: one the client cannot parse (e.g. a message id or header name that is not UTF-8) may be at its head; remove it with the RabbitMQ UI or `rabbitmqctl purge_queue`"
     )]
-    Unreadable { dlq: String, timeout: Duration },
+    Unreadable {
+        /// The DLQ read.
+        dlq: String,
+        /// How long the read waited.
+        timeout: Duration,
+    },
+    /// Any other broker or client error, as its text.
     #[error("RabbitMQ: {0}")]
     Broker(#[from] lapin::Error),
 }
 
 /// One message of a DLQ, as the runtime (or the broker) dead-lettered it.
+/// Fields are `None` when neither the runtime's headers nor the broker's
+/// `x-death` say.
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
+    /// The AMQP `message_id` (empty when it has none): the id to name in
+    /// [`Selection::Ids`], and the key the consumers' inboxes deduplicate on.
     pub message_id: String,
-    /// The AMQP `type` (e.g. a protobuf full name).
+    /// The AMQP `type` (e.g. a protobuf full name); empty when it has none.
     pub message_type: String,
+    /// The AMQP `correlation_id`.
     pub correlation_id: Option<String>,
+    /// The AMQP `app_id`: the application that first published it.
     pub app_id: Option<String>,
+    /// The AMQP `content_type`.
     pub content_type: Option<String>,
     /// Event time, seconds since the Unix epoch.
     pub timestamp: Option<u64>,
-    /// Why it was dead-lettered (`x-death-reason`, or the broker's `x-death`).
+    /// Why it was dead-lettered (`x-death-reason`, or the broker's `x-death`
+    /// reason prefixed with `broker: `, e.g. `broker: delivery_limit`).
     pub reason: Option<String>,
+    /// The class the runtime recorded (`x-death-class`);
+    /// [`DeathClass::Exhausted`] for a message the broker dead-lettered at its
+    /// delivery limit.
     pub class: Option<DeathClass>,
-    /// Handler runs before it was dead-lettered.
+    /// Handler runs before it was dead-lettered (`None` when the broker
+    /// dead-lettered it).
     pub attempts: Option<u32>,
+    /// When it was dead-lettered (`x-dead-lettered-at`, else the time of the
+    /// broker's `x-death`, to the second): the order redrive follows.
     pub dead_lettered_at: Option<DateTime<Utc>>,
-    /// Where it was first published.
+    /// The exchange it was first published to.
     pub original_exchange: Option<String>,
+    /// The routing key it was first published with.
     pub original_routing_key: Option<String>,
     /// Times it was redriven before.
     pub redrives: u32,
+    /// The body, as published.
     pub payload: Vec<u8>,
+    /// Every header it carries, the runtime's and the broker's included.
     pub headers: FieldTable,
     delivery_tag: u64,
 }
@@ -262,6 +311,7 @@ impl BrokerDeath {
 /// Which dead letters an operation applies to.
 #[derive(Clone, Debug)]
 pub enum Selection {
+    /// Every dead letter read.
     All,
     /// These message ids (every copy of each); an id not in the DLQ fails the
     /// operation before anything moves.
@@ -271,6 +321,8 @@ pub enum Selection {
 }
 
 impl Selection {
+    /// Whether `letter` is selected (a letter without a reason matches no
+    /// [`Selection::ReasonContains`]).
     pub fn matches(&self, letter: &DeadLetter) -> bool {
         match self {
             Self::All => true,
@@ -310,7 +362,9 @@ pub struct Moved {
 /// Progress of a long operation: (done, total).
 pub type Progress<'a> = &'a mut (dyn FnMut(usize, usize) + Send);
 
-/// A connection for reading and moving dead letters.
+/// A connection for reading and moving dead letters: the library behind an
+/// operator's tool. Every operation names the consumer queue `Q` and works on
+/// `Q.dlq`; every broker call is bounded (10 s), so a tool never hangs.
 #[derive(Debug)]
 pub struct DeadLetters {
     broker: Broker,

@@ -1,4 +1,4 @@
-//! What an operator does with dead letters: list, show, redrive, purge.
+//! What an operator does with dead letters: depth, list, redrive, purge.
 
 use super::channel::{ack, bounded, close, declare_passive, is_not_found, missing_dlq};
 use super::*;
@@ -11,6 +11,8 @@ impl DeadLetters {
         Ok(Self { broker, publisher })
     }
 
+    /// Closes the connection. Nothing is held between calls: each operation
+    /// hands back what it read and did not remove before it returns.
     pub async fn close(self) {
         self.broker.close().await;
     }
@@ -27,7 +29,10 @@ impl DeadLetters {
         Ok(depth)
     }
 
-    /// Reads up to `limit` dead letters of `queue` and leaves them all in place.
+    /// Reads up to `limit` dead letters of `queue`, oldest dead-lettered
+    /// first, and leaves them all in place. `queue` is the consumer queue, not
+    /// its DLQ. Reading raises each one's delivery count in the DLQ (harmless:
+    /// see [`DLQ_DELIVERY_LIMIT`](crate::topology::DLQ_DELIVERY_LIMIT)).
     pub async fn list(&self, queue: &str, limit: usize) -> Result<Listing, DeadLetterError> {
         let taken = self.take(queue, limit).await?;
         close(&taken.channel).await;
@@ -113,7 +118,9 @@ impl DeadLetters {
         Ok(report)
     }
 
-    /// Deletes the selected dead letters of `queue`.
+    /// Deletes the selected dead letters of `queue` among the first `limit`
+    /// read (the rest stay). `Moved::moved` lists the deleted ids;
+    /// `Moved::interrupted` says why it stopped early, if it did.
     pub async fn purge(
         &self,
         queue: &str,

@@ -29,7 +29,9 @@ pub(super) struct Inner {
 }
 
 impl Publisher {
-    /// `app_id` is the producing service's name, stamped on every message.
+    /// A publisher on `broker`'s connection, with [`DEFAULT_CONFIRM_TIMEOUT`].
+    /// `app_id` is the producing service's name, stamped on every message that
+    /// does not name its own ([`OutgoingMessage::app_id`]).
     pub fn new(broker: Broker, app_id: impl Into<String>) -> Self {
         Self {
             inner: Arc::new(Inner {

@@ -4,6 +4,8 @@
 use lapin::types::FieldTable;
 use opentelemetry::Context;
 
+/// `application/x-protobuf`: the content type [`OutgoingMessage::new`] sets,
+/// and so the one every outbox event goes out with.
 pub const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf";
 
 /// A message to publish, with its envelope.
@@ -11,12 +13,19 @@ pub const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf";
 pub struct OutgoingMessage {
     /// The deduplication key end to end (the outbox row id).
     pub message_id: String,
+    /// The exchange to publish to; `""` is the default exchange, which routes
+    /// to the queue named by the routing key.
     pub exchange: String,
+    /// The routing key; a queue must be bound for it, or the publish fails
+    /// with [`PublishError::Unroutable`](crate::PublishError::Unroutable).
     pub routing_key: String,
-    /// Full protobuf name, e.g. `shop.events.v1.OrderPlaced`.
+    /// The AMQP `type` consumers dispatch on (e.g. a protobuf full name).
     pub message_type: String,
+    /// The body.
     pub payload: Vec<u8>,
+    /// The AMQP `content_type` (default [`CONTENT_TYPE_PROTOBUF`]).
     pub content_type: String,
+    /// The AMQP `correlation_id`, if any.
     pub correlation_id: Option<String>,
     /// The producing application; `None` names the publisher's own.
     pub app_id: Option<String>,
@@ -30,6 +39,9 @@ pub struct OutgoingMessage {
 }
 
 impl OutgoingMessage {
+    /// A message with a fresh UUIDv7 `message_id`, content type
+    /// [`CONTENT_TYPE_PROTOBUF`] and the current time as timestamp; no
+    /// correlation id, `app_id`, extra headers or explicit trace parent.
     pub fn new(
         exchange: impl Into<String>,
         routing_key: impl Into<String>,

@@ -16,11 +16,12 @@
 //! message ids (consumers dedup through the inbox).
 //!
 //! Failures are told apart by kind ([`PublishError::is_message_refused`]):
-//! - the broker or connection failed (down, blocked, timed out): the unconfirmed
+//! - the broker or connection failed (down, blocked, timed out, or a nack: a
+//!   queue that cannot take messages refuses every row alike): the unconfirmed
 //!   rows are unmarked without blame and the relay backs off. No round starts
 //!   while the publish connection is down or blocked by an alarm, so no claim
 //!   transaction waits on a broker that cannot answer.
-//! - the broker refused one row (unroutable, nacked, or a channel error such as a
+//! - the broker refused one row (unroutable, or a channel error such as a
 //!   missing exchange or an oversized body): that row alone backs off
 //!   (`failures`, `next_attempt_at`, `last_error`) and after
 //!   [`RelayOptions::park_after`] refusals it is parked (`parked_at`): left for
@@ -56,9 +57,15 @@ mod run;
 /// How often the relay counts its backlog (for readiness and metrics).
 const STATUS_EVERY: Duration = Duration::from_millis(250);
 
+/// How the outbox relay runs. The defaults: batches of 256 rows on 2 lanes, a
+/// 1 s poll, published rows kept 24 h (cleaned every minute), stalled after
+/// 30 s, a refused row backing off from 1 s to 5 min and parked after 10
+/// refusals. Give them to [`RuntimeBuilder::relay`](crate::RuntimeBuilder::relay)
+/// or [`spawn_relay`].
 #[derive(Clone, Debug)]
 pub struct RelayOptions {
-    /// Rows claimed and published per round trip.
+    /// Most rows claimed and published per round trip (one transaction, one
+    /// batch of confirms).
     pub batch_size: i64,
     /// Batches in progress at once. The publisher sends one batch at a time (its
     /// channel is held for a batch's publishes and confirms), so what overlaps
@@ -69,9 +76,12 @@ pub struct RelayOptions {
     /// Fallback wake-up when no notification arrives (notifications are lost while
     /// the listener reconnects).
     pub poll_interval: Duration,
-    /// Delay after a failed round (broker or database unavailable).
+    /// Delay after a failed round (the database failed, or the broker failed
+    /// mid-batch). While the publish connection is down or blocked the relay
+    /// starts no round and looks again every 250 ms instead.
     pub backoff: Backoff,
-    /// How long published rows are kept before deletion.
+    /// How long published rows are kept before deletion (parked and
+    /// discarded rows are never deleted).
     pub retention: Duration,
     /// How often published rows past retention are deleted.
     pub cleanup_every: Duration,
@@ -110,22 +120,28 @@ impl Default for RelayOptions {
     }
 }
 
-/// What the relay knows about its table, refreshed after every round.
+/// What the relay knows about its table. The counts are refreshed at most
+/// every 250 ms (and after every failed round), so they may lag a little.
 #[derive(Clone, Debug, Default)]
 pub struct RelayStatus {
     /// Unpublished rows waiting to go out (parked ones not counted).
     pub backlog: i64,
     /// Age of the oldest unpublished, unparked row.
     pub oldest_unpublished: Option<Duration>,
-    /// Rows parked after repeated refusals, waiting for the operator.
+    /// Rows parked (after repeated refusals, or unreadable) and not discarded,
+    /// waiting for the operator ([`crate::parked`]).
     pub parked: i64,
+    /// Why the last round failed or did not start (`broker: …` or
+    /// `database: …`); `None` after a round without error.
     pub last_error: Option<String>,
     /// Rows this relay published (confirmed and marked).
     pub published: u64,
-    /// Completed rounds (a round ends when no more rows are ready).
+    /// Turns of the relay loop since start: each wake-up counts once, whether
+    /// it published every ready row, failed, or found the broker unavailable.
     pub rounds: u64,
 }
 
+/// A running relay, returned by [`spawn_relay`].
 #[derive(Debug)]
 pub struct RelayHandle {
     status: Arc<Mutex<RelayStatus>>,
@@ -145,6 +161,7 @@ pub struct RelayProbe {
 }
 
 impl RelayProbe {
+    /// A snapshot of the relay's status.
     pub fn status(&self) -> RelayStatus {
         let mut status = self
             .status
@@ -169,6 +186,8 @@ impl RelayProbe {
 }
 
 impl RelayHandle {
+    /// A cloneable view of this relay, for readiness and metrics; it stays
+    /// valid after [`RelayHandle::join`] took the handle.
     pub fn probe(&self) -> RelayProbe {
         RelayProbe {
             status: self.status.clone(),
@@ -178,6 +197,7 @@ impl RelayHandle {
         }
     }
 
+    /// A snapshot of the relay's status.
     pub fn status(&self) -> RelayStatus {
         self.probe().status()
     }
@@ -187,7 +207,8 @@ impl RelayHandle {
         self.probe().is_healthy()
     }
 
-    /// Waits for the relay to finish its current batch and stop.
+    /// Waits for the relay to finish its current batch and stop. It stops only
+    /// once its shutdown token fired; this does not fire it.
     pub async fn join(self) {
         let _ = self.task.await;
     }
@@ -202,7 +223,11 @@ struct Relay {
     heartbeat: Heartbeat,
 }
 
-/// Starts the relay for the `outbox` table of `pool` until `shutdown` fires.
+/// Starts the relay for the `outbox` table of `pool` until `shutdown` fires:
+/// the low-level entry point that [`Runtime`](crate::Runtime) uses. Run one per
+/// database or several (replicas claim disjoint rows). Give it a publisher on a
+/// connection that consumes nothing: a broker alarm blocks a connection that
+/// publishes, its consumers' acks included.
 pub fn spawn_relay(
     pool: PgPool,
     publisher: Publisher,

@@ -40,10 +40,16 @@ pub use probe::{Check, RuntimeProbe};
 /// Why [`RuntimeBuilder::start`] failed; each displays as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// Migrating the `outbox` and `inbox` tables failed (the database is
+    /// unreachable, or refused a migration).
     #[error("migrating the messaging tables failed: {0}")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+    /// A queue given to [`RuntimeBuilder::consume`] or
+    /// [`RuntimeBuilder::consume_inbox`] is not in the topology.
     #[error("queue '{0}' is consumed but not declared in the topology")]
     UnknownQueue(String),
+    /// The publish or the consume connection could not be made, or the
+    /// broker refused the topology.
     #[error(transparent)]
     Broker(#[from] ConnectError),
 }
@@ -97,9 +103,11 @@ impl RuntimeBuilder {
         self
     }
 
-    /// The name stamped as `app_id` on every published message (default: the
-    /// program's file name). The connections are named after
-    /// [`AmqpSettings::connection_name`] and their role.
+    /// The name stamped as `app_id` on what the runtime publishes without one
+    /// (every outbox event; a retry or dead-letter copy keeps its original's)
+    /// and in its consumer tags (default: the program's file name). The
+    /// connections are named after [`AmqpSettings::connection_name`] and their
+    /// role.
     #[must_use]
     pub fn app_id(mut self, app_id: impl Into<String>) -> Self {
         self.app_id = app_id.into();

@@ -8,16 +8,22 @@ use crate::{Broker, ConsumerProbe, RelayProbe, dead_letters::DepthProbe};
 pub struct RuntimeProbe {
     /// The connections by role (`publish`, `consume`).
     pub brokers: Vec<(&'static str, Broker)>,
+    /// Each consumer, in the order they were added.
     pub consumers: Vec<ConsumerProbe>,
     /// The depth of each consumed queue's DLQ.
     pub dlq_depths: Vec<DepthProbe>,
+    /// The outbox relay; `None` when built
+    /// [`without_relay`](crate::RuntimeBuilder::without_relay).
     pub relay: Option<RelayProbe>,
 }
 
 /// One part of the runtime and whether it works.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Check {
+    /// What was checked: `broker`, `consumer <queue>` or `outbox relay`.
     pub name: String,
+    /// Whether it works; a readiness endpoint answers "not ready" when any
+    /// check is not ok.
     pub ok: bool,
     /// What is wrong, or worth knowing (a backlog, parked rows).
     pub detail: Option<String>,

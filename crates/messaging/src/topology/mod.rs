@@ -5,10 +5,12 @@
 //!
 //! ```text
 //!   Q              quorum, x-delivery-limit, dead-letters to DLX with key Q
-//!   Q.dlq          quorum, bound to DLX with key Q (poison and exhausted messages),
+//!   Q.dlq          quorum, bound to DLX with key Q (every dead letter: poison,
+//!                  rejected and exhausted, and the broker's at the delivery limit),
 //!                  x-delivery-limit far out of reach (reading it returns messages)
-//!   Q.retry.<ms>   quorum, one per retry delay, x-message-ttl = delay, dead-letters
-//!                  back into Q through the default exchange when the delay expires
+//!   Q.retry.<n>ms  quorum, one per retry delay of n milliseconds, x-message-ttl = n,
+//!                  dead-letters back into Q through the default exchange when the
+//!                  delay expires
 //! ```
 //!
 //! Every queue uses at-least-once dead-lettering (`x-dead-letter-strategy` with

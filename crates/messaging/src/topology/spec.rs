@@ -4,38 +4,59 @@
 
 use std::time::Duration;
 
-/// Everything one process declares.
+/// Everything one process declares: the exchanges it publishes to, and the
+/// queues it consumes with everything they need. Every replica declares the
+/// same at startup and after each reconnect; declaring what exists with the
+/// same arguments is a no-op.
 #[derive(Clone, Debug, Default)]
 pub struct Topology {
+    /// Exchanges, durable; declared first. Every exchange a queue binds to or
+    /// dead-letters into must exist: list it here unless another process
+    /// declares it.
     pub exchanges: Vec<ExchangeSpec>,
+    /// Exchange-to-exchange bindings, declared after the exchanges.
     pub exchange_bindings: Vec<ExchangeBinding>,
+    /// Consumer queues, each with its DLQ and retry queues.
     pub queues: Vec<QueueSpec>,
 }
 
+/// How an exchange routes (the AMQP exchange types this crate declares).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExchangeType {
+    /// By pattern on dot-separated routing keys (`*` one word, `#` any).
     Topic,
+    /// To every bound queue, ignoring the routing key.
     Fanout,
+    /// To the queues bound with exactly the routing key (the type for a
+    /// dead-letter exchange, whose routing key is the failed queue's name).
     Direct,
 }
 
+/// A durable exchange to declare.
 #[derive(Clone, Debug)]
 pub struct ExchangeSpec {
+    /// The exchange's name.
     pub name: String,
+    /// How it routes.
     pub kind: ExchangeType,
 }
 
 /// `source` forwards to `destination` the messages matching `routing_key`.
 #[derive(Clone, Debug)]
 pub struct ExchangeBinding {
+    /// The exchange messages arrive at.
     pub source: String,
+    /// The exchange they are forwarded to.
     pub destination: String,
+    /// The binding key, interpreted by `source`'s type.
     pub routing_key: String,
 }
 
 /// A consumer queue with its bindings, dead-letter target and retry policy.
 #[derive(Clone, Debug)]
 pub struct QueueSpec {
+    /// The queue's name; its DLQ and retry queues are named after it
+    /// (`<name>.dlq`, `<name>.retry.<ms>ms`).
     pub name: String,
     /// `(exchange, routing key)` pairs; a fanout exchange ignores the key.
     pub bindings: Vec<(String, String)>,
@@ -44,14 +65,24 @@ pub struct QueueSpec {
     /// Redeliveries (consumer crashes, requeues) after which the broker itself
     /// dead-letters a message; explicit because 3.x has no default and 4.x has 20.
     pub delivery_limit: u32,
+    /// How [`Outcome::Retry`](crate::Outcome::Retry) is retried.
     pub retry: RetryPolicy,
 }
 
 /// Transient failures are retried after `delays[attempt - 1]` (the last delay is
-/// reused), until `max_attempts` handler runs have failed.
+/// reused), until `max_attempts` handler runs have failed. The default: 1 s,
+/// 5 s, 30 s (then 30 s again), 5 runs in all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
+    /// The delay after each failed run, in order; each distinct delay is a
+    /// retry queue of its own (`Q.retry.<ms>ms`). Keep at least one while
+    /// `max_attempts` is above 1: with none, a retry goes to a 1 s retry queue
+    /// that is never declared, so the publish fails and the delivery is
+    /// returned to the queue, until its delivery limit dead-letters it.
     pub delays: Vec<Duration>,
+    /// Handler runs in all, the first included; after this many failed runs
+    /// the message is dead-lettered ([`DeathClass::Exhausted`](crate::DeathClass::Exhausted)).
+    /// 1 dead-letters at the first failure.
     pub max_attempts: u32,
 }
 
@@ -77,6 +108,9 @@ impl RetryPolicy {
 }
 
 impl QueueSpec {
+    /// A queue named `name` whose dead letters go through `dead_letter_exchange`
+    /// (declare that exchange too, as [`ExchangeType::Direct`]), with no
+    /// bindings yet, a delivery limit of 10 and the default [`RetryPolicy`].
     pub fn new(name: impl Into<String>, dead_letter_exchange: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -87,24 +121,28 @@ impl QueueSpec {
         }
     }
 
+    /// The same queue, also bound to `exchange` with `routing_key`.
     #[must_use]
     pub fn bind(mut self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
         self.bindings.push((exchange.into(), routing_key.into()));
         self
     }
 
+    /// The same queue with another retry policy.
     #[must_use]
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
 
+    /// The same queue with another [`QueueSpec::delivery_limit`].
     #[must_use]
     pub fn with_delivery_limit(mut self, limit: u32) -> Self {
         self.delivery_limit = limit;
         self
     }
 
+    /// The name of its dead-letter queue, `<name>.dlq`.
     pub fn dlq_name(&self) -> String {
         crate::dead_letters::dlq_name(&self.name)
     }

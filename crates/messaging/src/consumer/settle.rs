@@ -32,7 +32,7 @@ impl<H: Handler> Runtime<H> {
                 crash_point!(CONSUMER_BEFORE_ACK);
                 self.ack(delivery, subscription).await;
             }
-            Verdict::Retry(reason) if attempt < self.queue.retry.max_attempts => {
+            Verdict::Retry(reason) if self.queue.retry.retries_after(attempt) => {
                 tracing::Span::current().record("message.outcome", "retry");
                 self.retry(delivery, &reason, attempt, subscription).await;
             }

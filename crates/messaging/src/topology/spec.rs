@@ -75,10 +75,9 @@ pub struct QueueSpec {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// The delay after each failed run, in order; each distinct delay is a
-    /// retry queue of its own (`Q.retry.<ms>ms`). Keep at least one while
-    /// `max_attempts` is above 1: with none, a retry goes to a 1 s retry queue
-    /// that is never declared, so the publish fails and the delivery is
-    /// returned to the queue, until its delivery limit dead-letters it.
+    /// retry queue of its own (`Q.retry.<ms>ms`). With none there is nowhere
+    /// to wait: the first failure dead-letters the message, whatever
+    /// `max_attempts` says.
     pub delays: Vec<Duration>,
     /// Handler runs in all, the first included; after this many failed runs
     /// the message is dead-lettered ([`DeathClass::Exhausted`](crate::DeathClass::Exhausted)).
@@ -104,6 +103,12 @@ impl RetryPolicy {
     pub fn delay_after(&self, attempt: u32) -> Option<Duration> {
         let index = usize::try_from(attempt.saturating_sub(1)).unwrap_or(usize::MAX);
         self.delays.get(index).or(self.delays.last()).copied()
+    }
+
+    /// Whether a message whose run `attempt` (1-based) failed is retried:
+    /// runs are left and there is a retry queue to wait in.
+    pub fn retries_after(&self, attempt: u32) -> bool {
+        attempt < self.max_attempts && !self.delays.is_empty()
     }
 }
 
@@ -201,6 +206,18 @@ mod tests {
         assert_eq!(policy.delay_after(1), Some(Duration::from_millis(10)));
         assert_eq!(policy.delay_after(2), Some(Duration::from_millis(50)));
         assert_eq!(policy.delay_after(4), Some(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn a_policy_without_delays_never_retries() {
+        let none = RetryPolicy {
+            delays: Vec::new(),
+            max_attempts: 5,
+        };
+        assert!(!none.retries_after(1));
+        let some = RetryPolicy::default();
+        assert!(some.retries_after(4));
+        assert!(!some.retries_after(5));
     }
 
     #[test]

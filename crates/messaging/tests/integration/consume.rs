@@ -138,6 +138,41 @@ async fn a_handler_always_failing_dead_letters_after_the_configured_attempts_wit
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_retry_policy_without_delays_dead_letters_at_the_first_failure() {
+    // No delay, no retry queue: there is nowhere for a retry to wait.
+    let policy = messaging::RetryPolicy {
+        delays: Vec::new(),
+        max_attempts: 5,
+    };
+    let mut fixture = Fixture::without_database(policy).await;
+    let runs = support::log();
+    fixture.consume(
+        Flaky {
+            failures: u32::MAX,
+            runs: runs.clone(),
+            done: Arc::new(AtomicU32::new(0)),
+        },
+        options(),
+    );
+    fixture.publish("k", b"x").await;
+
+    let dead = testkit::wait_for(
+        "the message in the DLQ",
+        Duration::from_secs(10),
+        || async { fixture.get_dead().await },
+    )
+    .await;
+    let headers = dead.delivery.properties.headers().clone().expect("headers");
+    assert_eq!(header_u32(&headers, headers::ATTEMPTS), Some(1));
+    assert_eq!(
+        header_str(&headers, headers::DEATH_CLASS).as_deref(),
+        Some("exhausted")
+    );
+    assert_eq!(runs.lock().expect("log").len(), 1, "one run only");
+    fixture.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn poison_goes_to_the_dlq_at_once_with_a_reason() {
     let mut fixture = Fixture::without_database(support::fast_retry(5)).await;
     let consumer = fixture.consume(Rejects, options());

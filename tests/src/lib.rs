@@ -2,8 +2,10 @@
 //! processes against fresh databases and a private RabbitMQ vhost, waits until
 //! each answers `/readyz`, and drives them over HTTP and AMQP only.
 //!
-//! The binaries are the ones `cargo build --bins` leaves in the target directory
-//! (`scripts/test` builds them before running the tests).
+//! The binaries are the ones `cargo build --workspace --bins --features
+//! messaging/testing` leaves in the target directory (`scripts/test` builds them
+//! before running the tests; the feature gives them the chaos suite's crash
+//! points, and a binary without it refuses a `CRASH_POINT`).
 
 use std::{
     fs::File,
@@ -27,7 +29,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = target.join("debug").join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the services first (`cargo build --bins`; scripts/test does it)",
+        "{} is missing: build the services first (`cargo build --workspace --bins --features messaging/testing`; scripts/test does it)",
         path.display()
     );
     path

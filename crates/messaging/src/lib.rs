@@ -203,10 +203,9 @@
 
 pub mod availability;
 mod backoff;
-#[macro_use]
-mod crash;
 mod connection;
 pub mod consumer;
+mod crash;
 pub mod dead_letters;
 #[cfg(feature = "testing")]
 pub mod faults;
@@ -223,6 +222,11 @@ mod relay;
 mod runtime;
 mod settings;
 pub mod topology;
+
+/// Whether this build has the crash points of `faults` (feature `testing`): a
+/// process asked for one (`CRASH_POINT`) by a build without them should refuse
+/// to start rather than run a fault test that can never fire.
+pub const FAULT_INJECTION: bool = cfg!(feature = "testing");
 
 pub use backoff::Backoff;
 pub use connection::{Broker, ConnectError};

@@ -29,8 +29,8 @@ pub use config::Config;
 
 pub const NAME: &str = "order-service";
 
-/// Crash point (see `messaging::faults`, feature `testing`): after `POST /orders`
-/// committed.
+/// Crash point (see `messaging::crash_point!`, which exists only in builds with
+/// the feature `messaging/testing`): after `POST /orders` committed.
 pub const CRASH_AFTER_ORDER_COMMIT: &str = "order.after-commit";
 
 /// The service's own migrations (the messaging tables come from `messaging`).

@@ -165,12 +165,19 @@ impl Platform {
     pub async fn bind(mut self, routes: Router) -> Result<Service, StartupError> {
         let runtime = self.take_messaging().start(self.shutdown.clone()).await?;
         let addr = self.common.http_addr;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| StartupError::Bind {
-                addr,
-                reason: e.to_string(),
-            })?;
+        let listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                // Nothing may keep consuming or relaying for a service that
+                // will not run: stop it all in order first.
+                self.shutdown.cancel();
+                runtime.join().await;
+                return Err(StartupError::Bind {
+                    addr,
+                    reason: e.to_string(),
+                });
+            }
+        };
         Ok(Service {
             platform: self,
             runtime,
@@ -283,7 +290,9 @@ where
     }
     crate::install_crypto_provider();
     messaging::propagation::set_correlation_attribute(ORDER_ID_ATTRIBUTE);
-    let config = match read_config(&ProcessEnv) {
+    let config = match crate::config::crash_point_supported(&ProcessEnv)
+        .and_then(|()| read_config(&ProcessEnv))
+    {
         Ok(c) => c,
         Err(e) => return fail(name, &e),
     };

@@ -61,6 +61,10 @@ pub enum Error {
 /// The binary's entry point.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = service_kit::config::crash_point_supported(&service_kit::config::ProcessEnv) {
+        eprintln!("shopctl: {e}");
+        return ExitCode::FAILURE;
+    }
     service_kit::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

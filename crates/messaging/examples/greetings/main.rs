@@ -20,7 +20,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const TABLES: &str =
     "CREATE TABLE IF NOT EXISTS greetings (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL);
-    CREATE TABLE IF NOT EXISTS audit (message_id TEXT PRIMARY KEY, name TEXT NOT NULL);";
+    CREATE TABLE IF NOT EXISTS audit (message_id TEXT NOT NULL, name TEXT NOT NULL);";
 
 fn topology() -> Topology {
     let audit = QueueSpec::new("greetings.audit", "greetings.dlx").bind("greetings", "greeting.#");

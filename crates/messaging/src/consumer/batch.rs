@@ -134,7 +134,7 @@ impl<H: Handler> Runtime<H> {
         let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) else {
             return;
         };
-        crash_point!(CONSUMER_BEFORE_ACK);
+        crate::crash_point!(crate::faults::points::CONSUMER_BEFORE_ACK);
         let mut tags: Vec<u64> = deliveries.iter().map(|d| d.delivery_tag).collect();
         tags.sort_unstable();
         if !subscription.multi_ack_covers(&tags) {

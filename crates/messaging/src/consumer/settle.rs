@@ -29,7 +29,7 @@ impl<H: Handler> Runtime<H> {
         match verdict {
             Verdict::Ack => {
                 tracing::Span::current().record("message.outcome", "ack");
-                crash_point!(CONSUMER_BEFORE_ACK);
+                crate::crash_point!(crate::faults::points::CONSUMER_BEFORE_ACK);
                 self.ack(delivery, subscription).await;
             }
             Verdict::Retry(reason) if self.queue.retry.retries_after(attempt) => {

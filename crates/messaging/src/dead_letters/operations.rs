@@ -95,7 +95,7 @@ impl DeadLetters {
                 ));
                 break;
             }
-            crash_point!(REDRIVE_AFTER_CONFIRM);
+            crate::crash_point!(crate::faults::points::REDRIVE_AFTER_CONFIRM);
             if let Err(error) = ack(&taken.channel, letter.delivery_tag).await {
                 // The copy is in `queue` and the original still in the DLQ:
                 // consumers deduplicate it by message id.

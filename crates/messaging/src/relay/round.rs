@@ -44,7 +44,10 @@ impl Relay {
             }
         }
         let mut results = self.publisher.publish_batch(&messages).await;
-        crash_point!(RELAY_AFTER_CONFIRM if results.iter().any(Result::is_ok));
+        crate::crash_point!(
+            crate::faults::points::RELAY_AFTER_CONFIRM,
+            results.iter().any(Result::is_ok)
+        );
         #[cfg(feature = "testing")]
         if take_one(&self.options.fail_after_confirm) {
             // As if the process died here: the transaction rolls back, the rows

@@ -105,7 +105,8 @@ impl RuntimeBuilder {
 
     /// The name stamped as `app_id` on what the runtime publishes without one
     /// (every outbox event; a retry or dead-letter copy keeps its original's)
-    /// and in its consumer tags (default: the program's file name). The
+    /// and in the consumer tags of the consumers added after this call
+    /// (default: the program's file name). The
     /// connections are named after [`AmqpSettings::connection_name`] and their
     /// role.
     #[must_use]

@@ -81,16 +81,19 @@ impl Names {
 
 /// Deletes the queues (with their retry queues and DLQ) and exchanges of
 /// `topology` over a connection of its own; what is already gone is no error.
+/// Deletes what `topology` declared, giving up after 10 s (a broker that stopped
+/// answering must not hang a failing test's cleanup).
 async fn delete_topology(topology: &Topology) {
-    let Ok(conn) = lapin::Connection::connect(&testkit::amqp_url(), Default::default()).await
-    else {
-        return;
+    let delete = async {
+        let conn = lapin::Connection::connect(&testkit::amqp_url(), Default::default())
+            .await
+            .ok()?;
+        let ch = conn.create_channel().await.ok()?;
+        let _ = topology.delete(&ch).await;
+        let _ = conn.close(200, "bye".into()).await;
+        Some(())
     };
-    let Ok(ch) = conn.create_channel().await else {
-        return;
-    };
-    let _ = topology.delete(&ch).await;
-    let _ = conn.close(200, "bye".into()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), delete).await;
 }
 
 pub fn fast_retry(max_attempts: u32) -> RetryPolicy {
@@ -109,7 +112,9 @@ pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
     (conn, ch)
 }
 
-/// Messages ready in `queue` (passive declare).
+/// Messages ready in `queue` (passive declare). Panics when it cannot tell
+/// (no such queue, a closed channel): a 0 read from nowhere would pass any
+/// "nothing left" assertion.
 pub async fn ready(ch: &lapin::Channel, queue: &str) -> u32 {
     ch.queue_declare(
         queue.into(),
@@ -121,7 +126,7 @@ pub async fn ready(ch: &lapin::Channel, queue: &str) -> u32 {
     )
     .await
     .map(|q| q.message_count())
-    .unwrap_or(0)
+    .unwrap_or_else(|e| panic!("cannot read the depth of {queue}: {e}"))
 }
 
 /// Takes one message from `queue` if there is one.

@@ -144,8 +144,7 @@ async fn place(
     tx.commit().await?;
     // Fault injection: the order and its event are committed, nothing published
     // and no response sent (a client retry with its Idempotency-Key replays).
-    #[cfg(feature = "testing")]
-    messaging::faults::crash_point(crate::CRASH_AFTER_ORDER_COMMIT);
+    messaging::crash_point!(crate::CRASH_AFTER_ORDER_COMMIT);
     tracing::info!(order_id = %id, items = order.items.len(), "order placed");
     let mut reply = (StatusCode::ACCEPTED, Json(response)).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/orders/{id}")) {

@@ -35,3 +35,16 @@ pub fn optional(env: &impl Env, name: &'static str) -> Option<String> {
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty())
 }
+
+/// Refuses `CRASH_POINT` in a build without crash points (the feature
+/// `messaging/testing`): a fault test run against it could never fire, and
+/// would fail late and far from the cause.
+pub fn crash_point_supported(env: &impl Env) -> Result<(), ConfigError> {
+    match optional(env, "CRASH_POINT") {
+        Some(_) if !messaging::FAULT_INJECTION => Err(ConfigError::Invalid {
+            name: "CRASH_POINT",
+            reason: "set, but this build has no crash points (build with --features messaging/testing, as scripts/test does)".into(),
+        }),
+        _ => Ok(()),
+    }
+}

@@ -13,7 +13,7 @@ mod secrets;
 mod values;
 
 pub use common::{COMMON_VARIABLES, Common, PLATFORM_VARIABLES};
-pub use env::{Env, ProcessEnv, optional, required};
+pub use env::{Env, ProcessEnv, crash_point_supported, optional, required};
 pub use recording::{RecordingEnv, assert_reads_exactly};
 pub use secrets::{Secret, amqp, database_url, secret};
 pub use telemetry::LogFormat;

@@ -131,3 +131,13 @@ fn defaults_apply_when_unset() {
     assert_eq!(parsed(&env(&[]), "X", 5u32).expect("default"), 5);
     assert_eq!(log_format(&env(&[])).expect("default"), LogFormat::Text);
 }
+
+#[test]
+fn a_crash_point_is_refused_exactly_by_builds_without_crash_points() {
+    let asked: HashMap<String, String> = HashMap::from([("CRASH_POINT".into(), "x".into())]);
+    assert_eq!(
+        super::crash_point_supported(&asked).is_ok(),
+        messaging::FAULT_INJECTION
+    );
+    assert!(super::crash_point_supported(&HashMap::new()).is_ok());
+}

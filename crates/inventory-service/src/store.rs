@@ -19,7 +19,8 @@ use service_kit::history;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+/// A SKU's stock.
+#[derive(Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct StockView {
     pub sku: String,
     pub available: i64,
@@ -83,13 +84,23 @@ fn view(row: &sqlx::postgres::PgRow) -> Result<StockView, sqlx::Error> {
 }
 
 /// Inventory's row for an order.
-#[derive(Debug, Serialize)]
+/// One line of a reservation, as stored.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)] // The shape of the stored JSON, for the API document.
+pub struct ReservedLine {
+    pub sku: String,
+    pub quantity: u32,
+}
+
+/// What inventory holds for an order.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReservationView {
     pub order_id: Uuid,
     /// `reserved`, `rejected`, `released`, or `cancelled` (the cancellation
     /// arrived before the order).
     pub state: String,
     /// The merged lines as reserved (or asked for, when rejected).
+    #[schema(value_type = Vec<ReservedLine>)]
     pub items: serde_json::Value,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -46,6 +46,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         })?;
     let spec = Spec {
         name: NAME,
+        description: env!("CARGO_PKG_DESCRIPTION"),
         owner: Owner::Notification,
         common: config.common.clone(),
         migrations: MIGRATIONS,

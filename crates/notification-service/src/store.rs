@@ -5,7 +5,8 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-#[derive(Debug, Serialize)]
+/// A notification: what was sent, on which channel, and whether it arrived.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct NotificationView {
     pub id: Uuid,
     pub order_id: Uuid,
@@ -13,8 +14,11 @@ pub struct NotificationView {
     pub message_id: String,
     pub channel: String,
     pub created_at: DateTime<Utc>,
+    /// Null until delivered.
     pub delivered_at: Option<DateTime<Utc>>,
+    /// Why the last delivery failed, while it is undelivered.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub last_error: Option<String>,
 }
 

@@ -11,20 +11,32 @@ pub const EMAIL_MAX: usize = 254;
 
 /// The body of `POST /orders`. Server-owned fields (id, status, timestamps) are
 /// not accepted: unknown fields are rejected.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrder {
+    /// Who orders: 1 to 100 characters, no control characters (surrounding
+    /// white space is trimmed).
+    #[schema(min_length = 1, max_length = 100)]
     pub customer_id: String,
+    /// Where notifications go, if anywhere: an email address of at most 254
+    /// characters.
     #[serde(default)]
+    #[schema(max_length = 254)]
     pub email: Option<String>,
+    /// 1 to 100 lines, each SKU at most once.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<ItemRequest>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One line of an order.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ItemRequest {
+    /// 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,64}$", min_length = 1, max_length = 64)]
     pub sku: String,
     /// Signed, so a negative number gets a clear message instead of a type error.
+    #[schema(minimum = 1, maximum = 10000)]
     pub quantity: i64,
 }
 
@@ -137,7 +149,7 @@ fn check_email(email: &str) -> Result<(), String> {
 
 /// Where an order is in the saga. Moves only forward:
 /// `pending → confirmed | rejected`, `pending | confirmed → cancelled`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pending,

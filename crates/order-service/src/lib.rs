@@ -44,6 +44,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
 pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Service, StartupError> {
     let spec = Spec {
         name: NAME,
+        description: env!("CARGO_PKG_DESCRIPTION"),
         owner: Owner::Order,
         common: config.common.clone(),
         migrations: MIGRATIONS,

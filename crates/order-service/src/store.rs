@@ -16,23 +16,41 @@ use uuid::Uuid;
 
 use crate::domain::{NewOrder, Status};
 
-#[derive(Debug, Serialize)]
+/// An order as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OrderView {
     pub id: Uuid,
     pub customer_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub email: Option<String>,
     pub status: Status,
     pub items: Vec<ItemView>,
+    /// Why it was rejected (rejected orders only).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub reason: Option<String>,
+    /// What was missing (rejected orders only).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<ShortageView>>, nullable = false)]
     pub shortages: Option<serde_json::Value>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+/// A SKU that could not be reserved.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)] // The shape of the stored JSON, for the API document.
+pub struct ShortageView {
+    pub sku: String,
+    pub requested: u32,
+    pub available: u32,
+    /// False when inventory-service has never heard of the SKU.
+    pub known: bool,
+}
+
+/// One line of an order.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ItemView {
     pub sku: String,
     pub quantity: i32,

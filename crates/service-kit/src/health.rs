@@ -13,10 +13,11 @@
 
 use std::{fmt::Write, sync::Arc};
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{Json, extract::State, http::StatusCode, response::IntoResponse};
 use messaging::{Broker, ConsumerProbe, DeathClass, RuntimeProbe};
 use serde::Serialize;
 use sqlx::PgPool;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::metrics::{Metrics, escape, render_histogram, sample};
 
@@ -29,23 +30,27 @@ pub struct Health {
     pub metrics: Arc<Metrics>,
 }
 
-#[derive(Serialize)]
+/// Whether this replica may get traffic, and the state of each dependency.
+#[derive(Serialize, utoipa::ToSchema)]
 struct Readiness {
     ready: bool,
     checks: Vec<Check>,
 }
 
-#[derive(Serialize)]
+/// One dependency or loop and whether it works.
+#[derive(Serialize, utoipa::ToSchema)]
 struct Check {
     name: String,
     ok: bool,
     /// Only critical checks decide readiness; the others are information.
     critical: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     detail: Option<String>,
 }
 
-#[derive(Serialize)]
+/// Whether the process should be left running.
+#[derive(Serialize, utoipa::ToSchema)]
 struct Liveness {
     alive: bool,
     /// The loops that stopped beating, with the age of their last beat.
@@ -54,11 +59,12 @@ struct Liveness {
 }
 
 impl Health {
-    pub fn router<S>(self) -> Router<S> {
-        Router::new()
-            .route("/healthz", get(healthz))
-            .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics))
+    /// `/healthz`, `/readyz` and `/metrics`, documented.
+    pub fn router<S: Clone + Send + Sync + 'static>(self) -> OpenApiRouter<S> {
+        OpenApiRouter::new()
+            .routes(routes!(healthz))
+            .routes(routes!(readyz))
+            .routes(routes!(metrics))
             .with_state(Arc::new(self))
     }
 
@@ -81,6 +87,17 @@ impl Health {
     }
 }
 
+/// Readiness: 200 exactly when the database answers; the other checks are
+/// reported, never failing it.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "probes",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Not ready: the database does not answer", body = Readiness),
+    )
+)]
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let checks = health.checks().await;
     let ready = checks.iter().filter(|c| c.critical).all(|c| c.ok);
@@ -92,6 +109,16 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     (status, Json(Readiness { ready, checks }))
 }
 
+/// Liveness: 503 only when a loop of the runtime is wedged.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "probes",
+    responses(
+        (status = 200, description = "Alive", body = Liveness),
+        (status = 503, description = "A loop stopped beating: restart the process", body = Liveness),
+    )
+)]
 async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let wedged = health.messaging.wedged();
     let status = if wedged.is_empty() {
@@ -108,6 +135,13 @@ async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     )
 }
 
+/// Prometheus metrics (text exposition format 0.0.4).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "probes",
+    responses((status = 200, description = "The metrics", body = String, content_type = "text/plain; version=0.0.4"))
+)]
 async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     let mut out = String::new();
     health.metrics.render_http(&mut out);

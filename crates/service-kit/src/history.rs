@@ -30,7 +30,7 @@ pub const MIGRATION: &str = include_str!("../migrations/order_history.sql");
 /// message ids) from turning one request into an unbounded read.
 pub const LIST_LIMIT: i64 = 1000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// Written to this service's outbox.
@@ -151,20 +151,23 @@ fn trace_id(cx: &Context) -> Option<String> {
 }
 
 /// One event of an order's history.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Entry {
+    /// The event's routing key, e.g. `order.placed`.
     pub event: String,
     pub direction: Direction,
     pub message_id: String,
+    /// The W3C trace id it ran in (32 hex digits), when it had one.
     pub trace_id: Option<String>,
     pub at: DateTime<Utc>,
     /// Emitted events only: how far the relay got with it.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub outbox: Option<Outbox>,
 }
 
 /// The outbox row of an emitted event.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Outbox {
     pub state: OutboxState,
     /// Null while pending or parked, and for a row retention deleted.
@@ -174,7 +177,7 @@ pub struct Outbox {
     pub last_error: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OutboxState {
     /// Confirmed by the broker.

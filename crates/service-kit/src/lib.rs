@@ -18,6 +18,7 @@ pub mod healthcheck;
 pub mod history;
 pub mod http_span;
 pub mod metrics;
+pub mod openapi;
 pub mod platform;
 pub mod problem;
 pub mod shutdown;

@@ -16,7 +16,7 @@
 
 use std::{future::Future, net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
-use axum::{Router, extract::DefaultBodyLimit, middleware, serve::ListenerExt};
+use axum::{extract::DefaultBodyLimit, middleware, serve::ListenerExt};
 use contracts::topology::{self, Owner};
 use messaging::{
     ConsumerOptions, Handler, Inbox, InboxHandler, RelayOptions, Runtime, RuntimeBuilder,
@@ -25,13 +25,14 @@ use messaging::{
 use sqlx::PgPool;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::{
     config::{Common, ConfigError, LogFormat, ProcessEnv},
     database::{self, DatabaseError},
     health::Health,
     metrics::{self, Metrics},
-    problem,
+    openapi, problem,
 };
 
 /// The span attribute naming the order a span concerns; messages carry the order
@@ -65,6 +66,8 @@ pub enum StartupError {
 #[derive(Debug)]
 pub struct Spec {
     pub name: &'static str,
+    /// What the service does, for its OpenAPI document.
+    pub description: &'static str,
     /// Which of the shop's queues the service consumes. It declares the whole
     /// topology (see `contracts::topology`), with retry queues for its own queue.
     pub owner: Owner,
@@ -75,6 +78,7 @@ pub struct Spec {
 #[derive(Debug)]
 pub struct Platform {
     pub name: &'static str,
+    description: &'static str,
     pub pool: PgPool,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
@@ -118,6 +122,7 @@ impl Platform {
             .migrate(false);
         Ok(Self {
             name: spec.name,
+            description: spec.description,
             pool,
             shutdown,
             metrics: Metrics::new(),
@@ -162,7 +167,7 @@ impl Platform {
     /// Connects the broker and starts the messaging runtime (relay, consumers),
     /// then binds `HTTP_ADDR` (port 0 picks a free port) for `routes`: the
     /// service is then ready to run.
-    pub async fn bind(mut self, routes: Router) -> Result<Service, StartupError> {
+    pub async fn bind(mut self, routes: OpenApiRouter) -> Result<Service, StartupError> {
         let runtime = self.take_messaging().start(self.shutdown.clone()).await?;
         let addr = self.common.http_addr;
         let listener = match TcpListener::bind(addr).await {
@@ -192,15 +197,19 @@ impl Platform {
         self,
         runtime: Runtime,
         listener: TcpListener,
-        routes: Router,
+        routes: OpenApiRouter,
     ) -> Result<(), StartupError> {
         let health = Health {
             pool: self.pool.clone(),
             messaging: runtime.probe(),
             metrics: self.metrics.clone(),
         };
-        let app = routes
+        let (routes, api) = routes
             .merge(health.router())
+            .merge(openapi::router())
+            .split_for_parts();
+        let api = openapi::document(self.name, self.description, api);
+        let app = openapi::serve(routes, api)
             .fallback(problem::not_found)
             .layer(middleware::from_fn_with_state(
                 self.metrics.clone(),
@@ -257,7 +266,7 @@ pub struct Service {
     platform: Platform,
     runtime: Runtime,
     listener: TcpListener,
-    routes: Router,
+    routes: OpenApiRouter,
 }
 
 impl Service {

@@ -14,7 +14,7 @@ use axum::{
 use serde::{Serialize, de::DeserializeOwned};
 
 /// One problem with the request, pointing at the field when there is one.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -183,6 +183,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        refuse_nul("path", parts.uri.path())?;
         Path::<T>::from_request_parts(parts, state)
             .await
             .map(|Path(v)| Self(v))
@@ -200,6 +201,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        refuse_nul("query", parts.uri.query().unwrap_or_default())?;
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(v)| Self(v))
@@ -207,6 +209,17 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
                 Problem::bad_request(format!("invalid query: {}", source_text(&e)))
             })
     }
+}
+
+/// A NUL character (`%00`) can be in no text PostgreSQL stores or compares:
+/// refused up front with a 400, not failed in the database with a 500.
+fn refuse_nul(part: &str, raw: &str) -> Result<(), Problem> {
+    if raw.contains("%00") {
+        return Err(Problem::bad_request(format!(
+            "invalid {part}: must not contain NUL characters (%00)"
+        )));
+    }
+    Ok(())
 }
 
 /// A UUID taken from the path, e.g. `path_uuid("order id", raw)`; anything else

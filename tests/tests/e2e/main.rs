@@ -3,6 +3,7 @@
 
 mod admission;
 mod api;
+mod contract;
 mod deploy;
 mod history;
 mod operations;

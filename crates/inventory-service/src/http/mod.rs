@@ -3,15 +3,16 @@
 mod reservations;
 mod stock;
 
-use axum::Router;
 use sqlx::PgPool;
+use utoipa_axum::router::OpenApiRouter;
 
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub pool: PgPool,
 }
 
-pub fn router(state: AppState) -> Router {
+/// Every route of the service's API, each documented (OpenAPI).
+pub fn router(state: AppState) -> OpenApiRouter {
     stock::router()
         .merge(reservations::router())
         .with_state(state)

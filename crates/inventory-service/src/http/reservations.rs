@@ -2,31 +2,47 @@
 //! applied and emitted for it (the inventory part of an order's timeline).
 
 use axum::{
-    Json, Router,
+    Json,
     extract::State,
     response::{IntoResponse, Response},
-    routing::get,
 };
 use serde::Serialize;
 use service_kit::{
     history,
+    openapi::ProblemDetails,
     problem::{self, ApiPath, Problem},
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use crate::store::{self, ReservationView};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/reservations/{order_id}", get(read))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(read))
 }
 
-#[derive(Debug, Serialize)]
+/// An order's reservation and what inventory applied and emitted for it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ReservationHistory {
     #[serde(flatten)]
     reservation: ReservationView,
     events: Vec<history::Entry>,
 }
 
+/// What inventory holds for an order, and what it applied and emitted for it.
+#[utoipa::path(
+    get,
+    path = "/reservations/{order_id}",
+    operation_id = "read_reservation",
+    tag = "reservations",
+    params(("order_id" = Uuid, Path, description = "The order's id")),
+    responses(
+        (status = 200, description = "The reservation and its history", body = ReservationHistory),
+        (status = 400, description = "Not a UUID", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "Inventory has no reservation for the order", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
 async fn read(
     State(state): State<AppState>,
     ApiPath(raw): ApiPath<String>,

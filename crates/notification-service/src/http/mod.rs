@@ -2,14 +2,15 @@
 
 mod notifications;
 
-use axum::Router;
 use sqlx::PgPool;
+use utoipa_axum::router::OpenApiRouter;
 
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub pool: PgPool,
 }
 
-pub fn router(state: AppState) -> Router {
+/// Every route of the service's API, each documented (OpenAPI).
+pub fn router(state: AppState) -> OpenApiRouter {
     notifications::router().with_state(state)
 }

@@ -1,30 +1,64 @@
 //! `GET /notifications?order_id=`: what was sent about an order.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::State,
     response::{IntoResponse, Response},
-    routing::get,
 };
 use chrono::DateTime;
-use serde::Deserialize;
-use service_kit::problem::{ApiQuery, Problem};
+use serde::{Deserialize, Serialize};
+use service_kit::{
+    openapi::ProblemDetails,
+    problem::{ApiQuery, Problem},
+};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::AppState;
 use crate::store;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/notifications", get(list))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// The order the notifications are about (required).
+    #[param(required = true, value_type = Uuid)]
     order_id: Option<String>,
+    /// Notifications per page.
+    #[param(minimum = 1, maximum = 500, default = 50)]
     limit: Option<i64>,
+    /// The `next` of the previous page (empty: the first page).
+    #[param(
+        pattern = r"^(-?[0-9]{1,16}_[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})?$"
+    )]
     cursor: Option<String>,
 }
+
+/// One page of an order's notifications, oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct NotificationPage {
+    items: Vec<store::NotificationView>,
+    /// Pass as `cursor` for the next page; null on the last.
+    next: Option<String>,
+}
+
+/// What was sent about an order, oldest first.
+#[utoipa::path(
+    get,
+    path = "/notifications",
+    operation_id = "list_notifications",
+    tag = "notifications",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page", body = NotificationPage),
+        (status = 400, description = "order_id missing or not a UUID, or an invalid or unknown parameter", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
 
 async fn list(
     State(state): State<AppState>,
@@ -45,6 +79,9 @@ async fn list(
         None => None,
         Some(c) => {
             let (micros, id) = c.split_once('_').ok_or_else(invalid)?;
+            if micros.trim_start_matches('-').len() > 16 || id.len() != 36 {
+                return Err(invalid());
+            }
             let at = micros
                 .parse()
                 .ok()
@@ -61,5 +98,5 @@ async fn list(
                 .map(|n| format!("{}_{}", n.created_at.timestamp_micros(), n.id))
         })
         .flatten();
-    Ok(Json(serde_json::json!({ "items": items, "next": next })).into_response())
+    Ok(Json(NotificationPage { items, next }).into_response())
 }

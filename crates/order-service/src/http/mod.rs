@@ -2,8 +2,8 @@
 
 mod orders;
 
-use axum::Router;
 use sqlx::PgPool;
+use utoipa_axum::router::OpenApiRouter;
 
 /// Shared by every handler.
 #[derive(Clone, Debug)]
@@ -12,6 +12,7 @@ pub struct AppState {
     pub admission: crate::admission::Admission,
 }
 
-pub fn router(state: AppState) -> Router {
+/// Every route of the service's API, each documented (OpenAPI).
+pub fn router(state: AppState) -> OpenApiRouter {
     orders::router().with_state(state)
 }

@@ -114,6 +114,34 @@ async fn every_service_documents_exactly_the_operations_it_routes() {
     stack.stop().await;
 }
 
+/// The first fuzzing run's finding: a NUL character in a query parameter
+/// reached PostgreSQL, which refuses it, and the service answered 500.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nul_character_in_a_query_or_path_is_a_400_with_a_reason() {
+    let stack = Stack::start().await;
+    for url in [
+        format!("{}/stock?cursor=%00A", stack.inventory()),
+        format!("{}/orders?customer_id=a%00b", stack.order()),
+        format!("{}/stock/A%00", stack.inventory()),
+    ] {
+        let response = stack.http.get(&url).send().await.expect("request");
+        assert_eq!(response.status(), 400, "{url}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json",
+            "{url}"
+        );
+        let problem: Value = response.json().await.expect("problem");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("NUL")),
+            "{url}: {problem}"
+        );
+    }
+    stack.stop().await;
+}
+
 /// Every route reaches the router through `OpenApiRouter::routes`, which puts
 /// it in the document: no service or platform code adds one past it (axum's
 /// `route`, `route_service`, `nest`, or a plain `Router`).

@@ -8,9 +8,16 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 use crate::backoff::Backoff;
 
 /// Connection settings for one process. `Debug` and `Display` redact the password.
+///
+/// A cluster is a list of nodes (`AMQP_URL=amqp://…@rabbit-0/shop,amqp://…@rabbit-1/shop`):
+/// a [`Broker`](crate::Broker) starts at a random one, so replicas spread over
+/// the cluster, and moves on to the next when its node is lost.
 #[derive(Clone)]
 pub struct AmqpSettings {
+    /// The first node's URL; the accessors (`host`, `port`, `user`, `vhost`) read it.
     uri: AMQPUri,
+    /// Further nodes of the same cluster, in the order given.
+    others: Vec<AMQPUri>,
     /// The AMQP heartbeat timeout proposed to the broker, in whole seconds (the
     /// URL's `heartbeat`, default 10 s). Heartbeat frames go out every half of
     /// it, and a peer silent for twice it is taken for dead: the connection is
@@ -38,21 +45,29 @@ pub struct InvalidUrl(String);
 
 impl AmqpSettings {
     /// Parses an `amqp://` or `amqps://` URL (user, password, host, port, vhost and
-    /// the `heartbeat` / `connection_timeout` query parameters).
+    /// the `heartbeat` / `connection_timeout` query parameters), or a
+    /// comma-separated list of them, one per node of a cluster (the first
+    /// one's query parameters apply).
     pub fn from_url(url: &str) -> Result<Self, InvalidUrl> {
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(InvalidUrl(
-                "the scheme must be amqp:// or amqps://".to_owned(),
-            ));
+        let mut nodes = Vec::new();
+        for (index, part) in url.split(',').map(str::trim).enumerate() {
+            if part.is_empty() {
+                return Err(InvalidUrl(format!(
+                    "node {} of the list is empty (a stray comma?)",
+                    index + 1
+                )));
+            }
+            nodes.push(parse_node(part)?);
         }
-        let uri: AMQPUri = url.parse().map_err(|e: String| {
-            // The parser's message may quote the input; keep only its first words.
-            InvalidUrl(redact(&e, url))
-        })?;
+        let mut nodes = nodes.into_iter();
+        let Some(uri) = nodes.next() else {
+            return Err(InvalidUrl("no URL".to_owned()));
+        };
         let heartbeat = Duration::from_secs(u64::from(uri.query.heartbeat.unwrap_or(10)));
         let connect_timeout = Duration::from_millis(uri.query.connection_timeout.unwrap_or(10_000));
         Ok(Self {
             uri,
+            others: nodes.collect(),
             heartbeat,
             connect_timeout,
             ca_file: None,
@@ -61,27 +76,65 @@ impl AmqpSettings {
         })
     }
 
-    /// The same settings pointed at another host and port (used by fault-injection
-    /// proxies in tests and by operators' overrides).
+    /// The same settings pointed at one node, at another host and port (used by
+    /// fault-injection proxies in tests and by operators' overrides).
     #[must_use]
     pub fn with_host_port(mut self, host: &str, port: u16) -> Self {
         host.clone_into(&mut self.uri.authority.host);
         self.uri.authority.port = port;
+        self.others.clear();
         self
     }
 
-    /// The same settings on another virtual host.
+    /// The same settings with further nodes of the cluster at `host:port` each
+    /// (same credentials, vhost and scheme as the first).
+    #[must_use]
+    pub fn with_more_nodes(mut self, nodes: &[(&str, u16)]) -> Self {
+        for (host, port) in nodes {
+            let mut uri = self.uri.clone();
+            (*host).clone_into(&mut uri.authority.host);
+            uri.authority.port = *port;
+            self.others.push(uri);
+        }
+        self
+    }
+
+    /// The same settings on another virtual host (every node).
     #[must_use]
     pub fn with_vhost(mut self, vhost: &str) -> Self {
-        vhost.clone_into(&mut self.uri.vhost);
+        for uri in std::iter::once(&mut self.uri).chain(&mut self.others) {
+            vhost.clone_into(&mut uri.vhost);
+        }
         self
     }
 
-    /// The same settings with another password (tests of refused credentials).
+    /// The same settings with another password (tests of refused credentials;
+    /// every node).
     #[must_use]
     pub fn with_password(mut self, password: &str) -> Self {
-        password.clone_into(&mut self.uri.authority.userinfo.password);
+        for uri in std::iter::once(&mut self.uri).chain(&mut self.others) {
+            password.clone_into(&mut uri.authority.userinfo.password);
+        }
         self
+    }
+
+    /// How many nodes the settings name (1 for a single URL).
+    pub fn nodes(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    /// The same settings with node `index` (modulo [`Self::nodes`]) alone.
+    pub(crate) fn node(&self, index: usize) -> Self {
+        let mut one = self.clone();
+        one.others.clear();
+        if let Some(uri) = index
+            .checked_rem(self.nodes())
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| self.others.get(i))
+        {
+            one.uri = uri.clone();
+        }
+        one
     }
 
     /// The user name of the URL.
@@ -134,17 +187,39 @@ fn redact(message: &str, url: &str) -> String {
     }
 }
 
+/// One node's URL.
+fn parse_node(url: &str) -> Result<AMQPUri, InvalidUrl> {
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Err(InvalidUrl(
+            "the scheme must be amqp:// or amqps://".to_owned(),
+        ));
+    }
+    url.parse().map_err(|e: String| {
+        // The parser's message may quote the input; keep only its first words.
+        InvalidUrl(redact(&e, url))
+    })
+}
+
 impl fmt::Display for AmqpSettings {
+    /// `amqp://user@host:port/vhost`, each node's, comma-separated; never the
+    /// password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.is_tls() { "amqps" } else { "amqp" };
-        write!(
-            f,
-            "{scheme}://{}@{}:{}/{}",
-            self.user(),
-            self.host(),
-            self.port(),
-            self.vhost()
-        )
+        for (index, uri) in std::iter::once(&self.uri).chain(&self.others).enumerate() {
+            let scheme = if uri.scheme == AMQPScheme::AMQPS {
+                "amqps"
+            } else {
+                "amqp"
+            };
+            if index > 0 {
+                f.write_str(",")?;
+            }
+            write!(
+                f,
+                "{scheme}://{}@{}:{}/{}",
+                uri.authority.userinfo.username, uri.authority.host, uri.authority.port, uri.vhost
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -203,6 +278,34 @@ mod tests {
         let err = AmqpSettings::from_url("http://u:hunter2@h").expect_err("bad scheme");
         assert!(!err.to_string().contains("hunter2"));
         let err = AmqpSettings::from_url("amqp://u:hunter2@h:notaport").expect_err("bad port");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_comma_separated_list_names_the_nodes_of_a_cluster() {
+        let s = AmqpSettings::from_url(
+            "amqp://u:secret@rabbit-0:5672/shop?heartbeat=5, amqp://u:secret@rabbit-1:5673/shop",
+        )
+        .expect("valid list");
+        assert_eq!(s.nodes(), 2);
+        assert_eq!(s.heartbeat, Duration::from_secs(5));
+        assert_eq!((s.node(0).host(), s.node(0).port()), ("rabbit-0", 5672));
+        assert_eq!((s.node(1).host(), s.node(1).port()), ("rabbit-1", 5673));
+        assert_eq!(s.node(3).host(), "rabbit-1", "the index wraps around");
+        assert_eq!(s.node(1).nodes(), 1);
+        assert_eq!(
+            s.to_string(),
+            "amqp://u@rabbit-0:5672/shop,amqp://u@rabbit-1:5673/shop"
+        );
+        assert!(!format!("{s:?}").contains("secret"));
+    }
+
+    #[test]
+    fn a_list_with_an_empty_or_invalid_node_is_refused_without_the_password() {
+        let err = AmqpSettings::from_url("amqp://u:hunter2@a/v,").expect_err("empty node");
+        assert!(err.to_string().contains("node 2"), "{err}");
+        let err = AmqpSettings::from_url("amqp://u:hunter2@a/v,http://u:hunter2@b")
+            .expect_err("bad scheme");
         assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

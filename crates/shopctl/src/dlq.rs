@@ -26,8 +26,8 @@ const QUEUES: [&str; 3] = [
 pub async fn run(cli: &Cli, command: &Dlq) -> Result<(), Error> {
     let raw = crate::cli::value_or_file(cli.amqp_url.as_deref(), "AMQP_URL", "--amqp-url")
         .map_err(Error::Config)?;
-    // Any node of a cluster will do for reading and moving dead letters.
-    let mut settings = AmqpSettings::from_url(raw.split(',').next().unwrap_or(&raw).trim())
+    // A cluster's nodes are tried from a random one on until one answers.
+    let mut settings = AmqpSettings::from_url(&raw)
         .map_err(|e| Error::Config(format!("AMQP_URL is invalid: {e}")))?;
     settings.connection_name = "shopctl".to_owned();
     let broker = DeadLetters::connect(settings, "shopctl").await?;

@@ -5,7 +5,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -14,11 +14,7 @@ use lapin::Connection;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    connect_error::ConnectError,
-    open::{declare_bounded, open},
-    supervisor::supervise,
-};
+use super::{connect_error::ConnectError, open::open_and_declare, supervisor::supervise};
 use crate::{AmqpSettings, Heartbeat, Topology};
 
 /// The current connection, if any, and how many times it was (re)built.
@@ -42,6 +38,8 @@ pub struct Broker {
 #[derive(Debug)]
 pub(super) struct Inner {
     pub(super) settings: AmqpSettings,
+    /// The node of `settings` the current (or last) connection is to.
+    pub(super) node: AtomicUsize,
     pub(super) topology: Topology,
     pub(super) link: watch::Sender<Link>,
     pub(super) reconnects: AtomicU64,
@@ -60,10 +58,36 @@ impl Broker {
     /// [`ConnectError`], and nothing is retried. Once connected, a lost
     /// connection is rebuilt in the background with [`AmqpSettings::backoff`]
     /// and the topology declared again on it, for as long as it takes.
+    ///
+    /// Settings naming several nodes of a cluster are tried from a random one
+    /// on (replicas spread over the cluster); the error is
+    /// [`ConnectError::NoNode`] only when every node failed.
     #[tracing::instrument(skip_all, fields(broker = %settings))]
     pub async fn connect(settings: AmqpSettings, topology: Topology) -> Result<Self, ConnectError> {
-        let connection = open(&settings).await?;
-        declare_bounded(&settings, &connection, &topology).await?;
+        let nodes = settings.nodes();
+        let start = rand::random_range(0..nodes);
+        let mut errors = Vec::new();
+        let mut connected = None;
+        for node in (start..start + nodes).map(|i| i % nodes) {
+            match open_and_declare(&settings.node(node), &topology).await {
+                Ok(connection) => {
+                    connected = Some((node, connection));
+                    break;
+                }
+                Err(error) => {
+                    if nodes > 1 {
+                        tracing::warn!(%error, "RabbitMQ node unusable; trying the next");
+                    }
+                    errors.push(error);
+                }
+            }
+        }
+        let Some((node, connection)) = connected else {
+            return Err(match errors.len() {
+                1 => errors.remove(0),
+                _ => ConnectError::NoNode { errors },
+            });
+        };
         let connection = Arc::new(connection);
         let (link, _) = watch::channel(Link {
             generation: 1,
@@ -72,6 +96,7 @@ impl Broker {
         let broker = Self {
             inner: Arc::new(Inner {
                 settings,
+                node: AtomicUsize::new(node),
                 topology,
                 link,
                 reconnects: AtomicU64::new(0),
@@ -81,8 +106,17 @@ impl Broker {
             }),
         };
         tokio::spawn(supervise(broker.inner.clone(), connection));
-        tracing::info!("connected to RabbitMQ");
+        tracing::info!(node = %broker.node(), "connected to RabbitMQ");
         Ok(broker)
+    }
+
+    /// `host:port` of the node the current (or last) connection is to.
+    pub fn node(&self) -> String {
+        let node = self
+            .inner
+            .settings
+            .node(self.inner.node.load(Ordering::Relaxed));
+        format!("{}:{}", node.host(), node.port())
     }
 
     /// The settings this broker connects with (`Display` shows them without

@@ -89,6 +89,13 @@ pub enum ConnectError {
         /// The broker's or client library's error.
         reason: String,
     },
+    /// Every node of a cluster (settings naming several) failed; each one's
+    /// error, in the order tried.
+    #[error("no node of the RabbitMQ cluster could be used: {}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    NoNode {
+        /// What each node answered.
+        errors: Vec<ConnectError>,
+    },
     /// Any other failure while connecting.
     #[error("connecting to RabbitMQ at {endpoint} failed: {reason}")]
     Other {

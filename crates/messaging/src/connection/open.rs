@@ -38,9 +38,30 @@ pub(crate) async fn open(settings: &AmqpSettings) -> Result<Connection, ConnectE
     }
 }
 
+/// Opens a connection to the (one) node of `settings` and declares `topology`
+/// on it, both bounded; a connection whose declaration failed is closed.
+pub(super) async fn open_and_declare(
+    settings: &AmqpSettings,
+    topology: &Topology,
+) -> Result<Connection, ConnectError> {
+    let connection = open(settings).await?;
+    match declare_bounded(settings, &connection, topology).await {
+        Ok(()) => Ok(connection),
+        Err(error) => {
+            // Do not leave a half-declared connection behind.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                connection.close(200, "topology declaration failed".into()),
+            )
+            .await;
+            Err(error)
+        }
+    }
+}
+
 /// Declares within the connect timeout: a connection dying mid-declare must not
 /// leave the supervisor waiting forever.
-pub(super) async fn declare_bounded(
+async fn declare_bounded(
     settings: &AmqpSettings,
     connection: &Connection,
     topology: &Topology,

@@ -11,10 +11,7 @@ use std::{
 use futures_util::StreamExt;
 use lapin::Connection;
 
-use super::{
-    broker::Inner,
-    open::{declare_bounded, open},
-};
+use super::{broker::Inner, open::open_and_declare};
 
 /// Watches the connection; when it dies, rebuilds it until it works again.
 pub(super) async fn supervise(inner: Arc<Inner>, mut connection: Arc<Connection>) {
@@ -25,9 +22,15 @@ pub(super) async fn supervise(inner: Arc<Inner>, mut connection: Arc<Connection>
         if inner.shutdown.is_cancelled() {
             return;
         }
-        tracing::warn!(broker = %inner.settings, "RabbitMQ connection lost; reconnecting");
+        let lost = inner.node.load(Ordering::Relaxed);
+        let nodes = inner.settings.nodes();
+        tracing::warn!(broker = %inner.settings.node(lost), "RabbitMQ connection lost; reconnecting");
         let mut attempt = 0u32;
         connection = loop {
+            // The next node first: the lost one may be gone for good (a
+            // single node is tried again and again).
+            let node = (lost + 1 + attempt as usize) % nodes;
+            let settings = inner.settings.node(node);
             tokio::select! {
                 () = inner.shutdown.cancelled() => return,
                 () = inner.heartbeat.sleep(inner.settings.backoff.delay(attempt)) => {}
@@ -36,27 +39,15 @@ pub(super) async fn supervise(inner: Arc<Inner>, mut connection: Arc<Connection>
             // Opening and declaring are both bounded (a connection that dies
             // mid-declare can leave the declare pending forever) and give way to
             // shutdown.
-            let attempt_result = async {
-                let c = open(&inner.settings).await?;
-                match declare_bounded(&inner.settings, &c, &inner.topology).await {
-                    Ok(()) => Ok(c),
-                    Err(e) => {
-                        // Do not leave a half-declared connection behind.
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(1),
-                            c.close(200, "topology declaration failed".into()),
-                        )
-                        .await;
-                        Err(e)
-                    }
-                }
-            };
             let result = tokio::select! {
                 () = inner.shutdown.cancelled() => return,
-                result = attempt_result => result,
+                result = open_and_declare(&settings, &inner.topology) => result,
             };
             match result {
-                Ok(c) => break Arc::new(c),
+                Ok(c) => {
+                    inner.node.store(node, Ordering::Relaxed);
+                    break Arc::new(c);
+                }
                 Err(error) => {
                     tracing::warn!(%error, attempt, "reconnect attempt failed");
                     attempt = attempt.saturating_add(1);
@@ -68,7 +59,7 @@ pub(super) async fn supervise(inner: Arc<Inner>, mut connection: Arc<Connection>
             l.generation += 1;
             l.connection = Some(connection.clone());
         });
-        tracing::info!(broker = %inner.settings, "RabbitMQ connection re-established");
+        tracing::info!(broker = %inner.settings.node(inner.node.load(Ordering::Relaxed)), "RabbitMQ connection re-established");
     }
 }
 

@@ -74,14 +74,20 @@ impl RuntimeProbe {
 
     /// One check for all connections: it fails when any of them is down and
     /// says which; a connection blocked by a broker alarm is noted, not failed
-    /// (consuming goes on, the outbox holds what waits to be published).
+    /// (consuming goes on, the outbox holds what waits to be published). Each
+    /// connection also says which node it is on (or was, while down).
     fn broker_check(&self) -> Check {
         let mut notes = Vec::new();
         for (role, broker) in &self.brokers {
+            let node = broker.node();
             if !broker.is_connected() {
-                notes.push(format!("{role} connection down"));
+                notes.push(format!("{role} connection down (last on {node})"));
             } else if broker.is_blocked() {
-                notes.push(format!("{role} connection blocked by a broker alarm"));
+                notes.push(format!(
+                    "{role} connection on {node} blocked by a broker alarm"
+                ));
+            } else {
+                notes.push(format!("{role} on {node}"));
             }
         }
         Check {

@@ -5,6 +5,7 @@
 //! `support::Fixture`, which deletes them also when the test panics.
 
 mod batch;
+mod cluster;
 mod consume;
 mod dead_letters;
 mod fixture;

@@ -1,14 +1,17 @@
 //! Test support shared by the integration and end-to-end suites (never linked
 //! into a service): a TCP proxy that can sever, refuse, delay and stall
 //! connections, a TLS proxy in front of a plain server, scratch databases
-//! ([`TestDb`], dropped also when a test fails), unique names so tests run in
-//! parallel, and waiting for a condition with a deadline.
+//! ([`TestDb`], dropped also when a test fails), a RabbitMQ cluster of a test's
+//! own ([`RabbitCluster`]), unique names so tests run in parallel, and waiting
+//! for a condition with a deadline.
 
+mod cluster;
 mod database;
 mod proxy;
 
 use std::{future::Future, time::Duration};
 
+pub use cluster::RabbitCluster;
 pub use database::{TestDb, database_url, url_for};
 pub use proxy::{TcpProxy, TlsProxy};
 

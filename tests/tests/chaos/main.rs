@@ -4,6 +4,7 @@
 //! Each scenario prints a summary line (also appended to target/chaos-summary.txt):
 //! `chaos <name>: faults=<n> orders=<n> lost=<n> duplicated=<n> recovered_in=<s>`.
 
+mod cluster;
 mod harness;
 mod long_faults;
 mod scenarios;

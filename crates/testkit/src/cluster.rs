@@ -1,0 +1,348 @@
+//! A RabbitMQ cluster of its own for a test: nodes of the installed RabbitMQ
+//! started side by side on free loopback ports, joined into one cluster, owned
+//! by the [`RabbitCluster`] value and killed with their files when it drops
+//! (also when the test panics).
+//!
+//! Each node gets its own directory (home with the shared Erlang cookie,
+//! database, logs, an empty plugin list, a config that listens on its port
+//! only) and a unique node name `<prefix>-<i>@localhost`, so a cluster never
+//! meets the machine's own broker or another test's cluster. Needs to run as a
+//! user that may start `rabbitmq-server` (root here).
+//!
+//! The methods block (they run `rabbitmqctl`): call them from
+//! `tokio::task::spawn_blocking` in async tests.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const SBIN: &str = "/usr/lib/rabbitmq/bin";
+
+/// A running cluster of RabbitMQ nodes; dropped, it kills them and removes
+/// their files.
+#[derive(Debug)]
+pub struct RabbitCluster {
+    dir: PathBuf,
+    nodes: Vec<Node>,
+}
+
+#[derive(Debug)]
+struct Node {
+    name: String,
+    amqp_port: u16,
+    dist_port: u16,
+    dir: PathBuf,
+}
+
+impl RabbitCluster {
+    /// Starts `size` nodes, joins the others to the first and waits until
+    /// every one runs. Errors say which step failed, with the tool's output.
+    pub fn start(size: usize) -> Result<Self, String> {
+        assert!(size >= 1, "a cluster has at least one node");
+        let prefix = crate::unique("shoptest").replace('_', "-");
+        let dir = std::env::temp_dir().join(&prefix);
+        let mut cluster = Self {
+            dir,
+            nodes: Vec::new(),
+        };
+        let cookie = crate::unique("cookie");
+        for i in 0..size {
+            let dir = cluster.dir.join(format!("n{i}"));
+            std::fs::create_dir_all(dir.join("home")).map_err(|e| e.to_string())?;
+            let cookie_file = dir.join("home/.erlang.cookie");
+            std::fs::write(&cookie_file, &cookie).map_err(|e| e.to_string())?;
+            set_mode(&cookie_file, 0o400)?;
+            let node = Node {
+                name: format!("{prefix}-{i}@localhost"),
+                amqp_port: free_port()?,
+                dist_port: free_port()?,
+                dir,
+            };
+            std::fs::write(
+                node.dir.join("rabbitmq.conf"),
+                format!(
+                    "listeners.tcp.1 = 127.0.0.1:{}\nloopback_users = none\n",
+                    node.amqp_port
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            std::fs::write(node.dir.join("plugins"), "[].\n").map_err(|e| e.to_string())?;
+            std::fs::write(node.dir.join("env.conf"), "").map_err(|e| e.to_string())?;
+            cluster.nodes.push(node);
+        }
+        for i in 0..size {
+            cluster.launch(i)?;
+        }
+        for i in 0..size {
+            cluster.await_running(i)?;
+        }
+        let first = cluster.nodes[0].name.clone();
+        for i in 1..size {
+            cluster.ctl(i, &["stop_app"])?;
+            cluster.ctl(i, &["join_cluster", &first])?;
+            cluster.ctl(i, &["start_app"])?;
+        }
+        Ok(cluster)
+    }
+
+    /// The directory holding every node's files (removed on drop).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How many nodes the cluster has (running or not).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Always false: a cluster has at least one node.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The AMQP port of node `i`.
+    pub fn port(&self, i: usize) -> u16 {
+        self.nodes[i].amqp_port
+    }
+
+    /// The node (index) listening on `port`, if any.
+    pub fn node_on_port(&self, port: u16) -> Option<usize> {
+        self.nodes.iter().position(|n| n.amqp_port == port)
+    }
+
+    /// The Erlang name of node `i` (`<prefix>-<i>@localhost`).
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// The node (index) with Erlang name `name`.
+    pub fn node_named(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Node `i`'s URL for the default vhost, as guest.
+    pub fn amqp_url(&self, i: usize) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port(i))
+    }
+
+    /// Every node's URL, comma-separated (what `AMQP_URL` takes for a cluster).
+    pub fn amqp_urls(&self) -> String {
+        (0..self.len())
+            .map(|i| self.amqp_url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `i` with SIGKILL, as a crash would, and waits until it is gone.
+    pub fn kill(&self, i: usize) -> Result<(), String> {
+        let pid = self.pid(i)?;
+        let status = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .map_err(|e| format!("kill {pid}: {e}"))?;
+        if !status.success() {
+            return Err(format!("kill -KILL {pid} failed"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            if Instant::now() > deadline {
+                return Err(format!("node {i} (pid {pid}) survived SIGKILL"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(self.nodes[i].dir.join("pid"));
+        Ok(())
+    }
+
+    /// Stops node `i` gracefully (`rabbitmqctl stop`), as a rolling restart does.
+    pub fn stop(&self, i: usize) -> Result<(), String> {
+        let pid_file = self.nodes[i].dir.join("pid");
+        // With the pid file, `stop` returns once the process has exited.
+        self.ctl(i, &["stop", &pid_file.display().to_string()])
+            .map(|_| ())
+    }
+
+    /// Starts node `i` again (after [`Self::kill`] or [`Self::stop`]) and waits
+    /// until it runs; it rejoins the cluster it was in.
+    pub fn restart(&self, i: usize) -> Result<(), String> {
+        self.launch(i)?;
+        self.await_running(i)
+    }
+
+    /// The node (index) leading quorum queue `queue` of the default vhost, asked
+    /// of any node that answers.
+    pub fn leader(&self, queue: &str) -> Result<usize, String> {
+        let mut last = String::new();
+        for i in 0..self.len() {
+            match self.ctl(
+                i,
+                &[
+                    "list_queues",
+                    "--quiet",
+                    "--no-table-headers",
+                    "name",
+                    "leader",
+                ],
+            ) {
+                Ok(out) => {
+                    for line in out.lines() {
+                        let mut fields = line.split_whitespace();
+                        if fields.next() == Some(queue) {
+                            let leader = fields.next().unwrap_or_default();
+                            return self.node_named(leader).ok_or_else(|| {
+                                format!("{queue} is led by {leader:?}, not a node of this cluster")
+                            });
+                        }
+                    }
+                    return Err(format!("no queue {queue}: {out}"));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(format!("no node answered: {last}"))
+    }
+
+    /// `(queue, consumers)` of every queue in the default vhost, asked of node `i`.
+    pub fn consumers(&self, i: usize) -> Result<Vec<(String, u64)>, String> {
+        let out = self.ctl(
+            i,
+            &[
+                "list_queues",
+                "--quiet",
+                "--no-table-headers",
+                "name",
+                "consumers",
+            ],
+        )?;
+        Ok(out
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let name = fields.next()?.to_owned();
+                let consumers = fields.next()?.parse().ok()?;
+                Some((name, consumers))
+            })
+            .collect())
+    }
+
+    /// Runs `rabbitmqctl` against node `i`; its output, or an error with it.
+    pub fn ctl(&self, i: usize, args: &[&str]) -> Result<String, String> {
+        let node = &self.nodes[i];
+        let output = Command::new(Path::new(SBIN).join("rabbitmqctl"))
+            .arg("-n")
+            .arg(&node.name)
+            .args(args)
+            .env("HOME", node.dir.join("home"))
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("rabbitmqctl: {e} (is RabbitMQ installed?)"))?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if output.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "rabbitmqctl -n {} {args:?} failed: {text}{}",
+                node.name,
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    }
+
+    fn launch(&self, i: usize) -> Result<(), String> {
+        let node = &self.nodes[i];
+        let dir = &node.dir;
+        let status = Command::new(Path::new(SBIN).join("rabbitmq-server"))
+            .arg("-detached")
+            .env("HOME", dir.join("home"))
+            .env("RABBITMQ_NODENAME", &node.name)
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("env.conf"))
+            .env("RABBITMQ_DIST_PORT", node.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("rabbitmq-server: {e} (is RabbitMQ installed?)"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "rabbitmq-server for {} failed: {status}",
+                node.name
+            ))
+        }
+    }
+
+    /// Waits (at most 90 s) until node `i` has started its RabbitMQ application.
+    fn await_running(&self, i: usize) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            // The detached node registers after a moment: until then every
+            // command fails at once, so ask again.
+            match self.ctl(i, &["await_startup", "--timeout", "10"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "{} did not start: {e}\n{}",
+                        self.nodes[i].name,
+                        self.log_tail(i)
+                    ));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    fn pid(&self, i: usize) -> Result<u32, String> {
+        let file = self.nodes[i].dir.join("pid");
+        std::fs::read_to_string(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("{}: {e}", file.display()))
+    }
+
+    /// The last lines of node `i`'s log, for failure messages.
+    pub fn log_tail(&self, i: usize) -> String {
+        let log = self.nodes[i]
+            .dir
+            .join("log")
+            .join(format!("{}.log", self.nodes[i].name));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for RabbitCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.pid(i).is_ok() {
+                let _ = self.kill(i);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| e.to_string())
+}

@@ -105,7 +105,10 @@ impl Platform {
         .await?;
         let messaging = Runtime::builder(pool.clone(), common.amqp.clone())
             .app_id(spec.name)
-            .topology(topology::for_service(spec.owner, common.retry.clone()))
+            .topology(
+                topology::for_service(spec.owner, common.retry.clone())
+                    .with_initial_group_size(common.quorum_group_size),
+            )
             .relay(RelayOptions {
                 park_after: common.outbox_park_after,
                 ..RelayOptions::default()

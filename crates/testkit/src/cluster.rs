@@ -48,6 +48,7 @@ impl RabbitCluster {
             nodes: Vec::new(),
         };
         let cookie = crate::unique("cookie");
+        let mut ports = free_ports(2 * size)?.into_iter();
         for i in 0..size {
             let dir = cluster.dir.join(format!("n{i}"));
             std::fs::create_dir_all(dir.join("home")).map_err(|e| e.to_string())?;
@@ -56,8 +57,8 @@ impl RabbitCluster {
             set_mode(&cookie_file, 0o400)?;
             let node = Node {
                 name: format!("{prefix}-{i}@localhost"),
-                amqp_port: free_port()?,
-                dist_port: free_port()?,
+                amqp_port: ports.next().ok_or("no port")?,
+                dist_port: ports.next().ok_or("no port")?,
                 dir,
             };
             std::fs::write(
@@ -204,6 +205,21 @@ impl RabbitCluster {
         Err(format!("no node answered: {last}"))
     }
 
+    /// What node 0 reports of `queue` (default vhost) for one `list_queues`
+    /// info item (`members`, `arguments`, `leader`, …).
+    pub fn queue_info(&self, queue: &str, item: &str) -> Result<String, String> {
+        let out = self.ctl(
+            0,
+            &["list_queues", "--quiet", "--no-table-headers", "name", item],
+        )?;
+        out.lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once('\t')?;
+                (name == queue).then(|| value.to_owned())
+            })
+            .ok_or_else(|| format!("no queue {queue}: {out}"))
+    }
+
     /// `(queue, consumers)` of every queue in the default vhost, asked of node `i`.
     pub fn consumers(&self, i: usize) -> Result<Vec<(String, u64)>, String> {
         let out = self.ctl(
@@ -337,9 +353,31 @@ impl Drop for RabbitCluster {
     }
 }
 
-fn free_port() -> Result<u16, String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+/// Ports for the nodes, free now, from 21000-31999: below the ephemeral range
+/// (32768 on), where a client's outgoing connection could take a port between
+/// this check and the node's bind, and away from the ports RabbitMQ's own CLI
+/// tools bind (35672-35682) and the machine broker's distribution port (25672).
+fn free_ports(count: usize) -> Result<Vec<u16>, String> {
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    let start: u16 = 21_000 + (uuid::Uuid::new_v4().as_u128() % 11_000) as u16;
+    for offset in 0..11_000u16 {
+        if ports.len() == count {
+            break;
+        }
+        let port = 21_000 + (start - 21_000 + offset) % 11_000;
+        if port == 25_672 {
+            continue;
+        }
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+            ports.push(port);
+        }
+    }
+    if ports.len() < count {
+        return Err(format!("only {} free ports in 21000-31999", ports.len()));
+    }
+    Ok(ports)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), String> {

@@ -209,7 +209,31 @@ async fn cluster_nodes_killed_and_restarted_under_load_lose_and_duplicate_nothin
             .expect("cluster start")
             .unwrap_or_else(|e| panic!("{e}")),
     );
-    let mut chaos = Chaos::on_cluster("cluster-kills", vec![], &cluster).await;
+    let env = SERVICES
+        .iter()
+        .map(|s| {
+            (
+                *s,
+                "AMQP_QUORUM_INITIAL_GROUP_SIZE".to_owned(),
+                "3".to_owned(),
+            )
+        })
+        .collect();
+    let mut chaos = Chaos::on_cluster("cluster-kills", env, &cluster).await;
+    // Each queue has a replica on every node: the kills below never take
+    // away a majority.
+    let queue = contracts::names::INVENTORY_QUEUE;
+    let members = on_cluster(&cluster, move |c| c.queue_info(queue, "members")).await;
+    assert_eq!(
+        members.matches('@').count(),
+        3,
+        "replicas of {queue}: {members}"
+    );
+    let arguments = on_cluster(&cluster, move |c| c.queue_info(queue, "arguments")).await;
+    assert!(
+        arguments.contains("x-quorum-initial-group-size"),
+        "{queue}: {arguments}"
+    );
     chaos.min_orders = MIN_ORDERS;
     let http = client();
     let mut recoveries = Vec::new();

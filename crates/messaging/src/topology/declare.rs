@@ -17,55 +17,47 @@ use super::{ExchangeType, QueueSpec, Topology};
 /// so looking never loses one.
 pub const DLQ_DELIVERY_LIMIT: i64 = 1_000_000;
 
+/// The argument fixing how many nodes hold a quorum queue's replicas when it is
+/// created.
+const GROUP_SIZE_ARG: &str = "x-quorum-initial-group-size";
+const DELIVERY_LIMIT_ARG: &str = "x-delivery-limit";
+
 impl QueueSpec {
     /// Declares the queue, its DLQ, its retry queues and bindings, on a channel
     /// of its own. The exchanges it binds to must exist.
+    ///
+    /// A queue that exists with arguments fixed at creation that differ from
+    /// these (a DLQ made before DLQs had a delivery limit, a queue made with
+    /// another initial group size or none) is kept as it is, with a warning,
+    /// so that an upgrade or a move to a cluster never stops a service.
     pub async fn declare(&self, connection: &Connection) -> lapin::Result<()> {
-        let channel = self.declare_dlq(connection).await?;
-        let result = self.declare_rest(&channel).await;
+        let mut channel = connection.create_channel().await?;
+        let result = self.declare_on(connection, &mut channel).await;
         if channel.status().connected() {
             let _ = channel.close(200, "queue declared".into()).await;
         }
         result
     }
 
-    /// Declares the DLQ and returns the open channel. A DLQ made before DLQs had
-    /// a delivery limit refuses the new arguments (406 inequivalent arg); it is
-    /// kept as it is, with a warning, so that an upgrade never stops a service.
-    async fn declare_dlq(&self, connection: &Connection) -> lapin::Result<Channel> {
+    async fn declare_on(
+        &self,
+        connection: &Connection,
+        channel: &mut Channel,
+    ) -> lapin::Result<()> {
         let dlq = self.dlq_name();
-        let mut dlq_args = quorum_args();
+        let mut dlq_args = self.quorum_args();
         dlq_args.insert(
-            "x-delivery-limit".into(),
+            DELIVERY_LIMIT_ARG.into(),
             AMQPValue::LongLongInt(DLQ_DELIVERY_LIMIT),
         );
-        let channel = connection.create_channel().await?;
-        match declare_quorum(&channel, &dlq, dlq_args).await {
-            Ok(()) => Ok(channel),
-            Err(error) if without_delivery_limit(&error) => {
-                tracing::warn!(
-                    queue = %dlq,
-                    "the DLQ was declared without x-delivery-limit: on RabbitMQ 4.0-4.2 a dead letter read 20 times is dropped; give it a delivery-limit policy or recreate it"
-                );
-                let channel = connection.create_channel().await?;
-                channel
-                    .queue_declare(
-                        dlq.as_str().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
-                Ok(channel)
-            }
-            Err(error) => Err(error),
-        }
-    }
-
-    async fn declare_rest(&self, channel: &Channel) -> lapin::Result<()> {
-        let dlq = self.dlq_name();
+        declare_quorum(
+            connection,
+            channel,
+            &dlq,
+            dlq_args,
+            &[DELIVERY_LIMIT_ARG, GROUP_SIZE_ARG],
+        )
+        .await?;
         channel
             .queue_bind(
                 dlq.as_str().into(),
@@ -76,7 +68,7 @@ impl QueueSpec {
             )
             .await?;
 
-        let mut args = quorum_args();
+        let mut args = self.quorum_args();
         insert_str(
             &mut args,
             "x-dead-letter-exchange",
@@ -84,16 +76,16 @@ impl QueueSpec {
         );
         insert_str(&mut args, "x-dead-letter-routing-key", &self.name);
         args.insert(
-            "x-delivery-limit".into(),
+            DELIVERY_LIMIT_ARG.into(),
             AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
         );
-        declare_quorum(channel, &self.name, args).await?;
+        declare_quorum(connection, channel, &self.name, args, &[GROUP_SIZE_ARG]).await?;
 
         let mut delays = self.retry.delays.clone();
         delays.sort();
         delays.dedup();
         for delay in delays {
-            let mut args = quorum_args();
+            let mut args = self.quorum_args();
             // The default exchange routes by queue name: expiry sends it home.
             insert_str(&mut args, "x-dead-letter-exchange", "");
             insert_str(&mut args, "x-dead-letter-routing-key", &self.name);
@@ -101,7 +93,8 @@ impl QueueSpec {
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
             );
-            declare_quorum(channel, &self.retry_queue_name(delay), args).await?;
+            let name = self.retry_queue_name(delay);
+            declare_quorum(connection, channel, &name, args, &[GROUP_SIZE_ARG]).await?;
         }
 
         for (exchange, key) in &self.bindings {
@@ -116,6 +109,21 @@ impl QueueSpec {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The arguments every queue of this spec is declared with.
+    fn quorum_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        insert_str(&mut args, "x-queue-type", "quorum");
+        insert_str(&mut args, "x-dead-letter-strategy", "at-least-once");
+        insert_str(&mut args, "x-overflow", "reject-publish");
+        if let Some(size) = self.initial_group_size {
+            args.insert(
+                GROUP_SIZE_ARG.into(),
+                AMQPValue::LongLongInt(i64::from(size)),
+            );
+        }
+        args
     }
 }
 
@@ -166,18 +174,19 @@ impl Topology {
     }
 }
 
-/// The channel error of declaring a DLQ that exists without the delivery limit.
-fn without_delivery_limit(error: &lapin::Error) -> bool {
-    matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp)
-        if amqp.get_id() == 406 && amqp.get_message().as_str().contains("'x-delivery-limit'"))
-}
-
-fn quorum_args() -> FieldTable {
-    let mut args = FieldTable::default();
-    insert_str(&mut args, "x-queue-type", "quorum");
-    insert_str(&mut args, "x-dead-letter-strategy", "at-least-once");
-    insert_str(&mut args, "x-overflow", "reject-publish");
-    args
+/// The argument of `tolerated` a 406 "inequivalent arg" names, if any.
+fn inequivalent<'a>(error: &lapin::Error, tolerated: &[&'a str]) -> Option<&'a str> {
+    let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return None;
+    };
+    if amqp.get_id() != 406 {
+        return None;
+    }
+    let message = amqp.get_message().as_str();
+    tolerated
+        .iter()
+        .find(|arg| message.contains(&format!("'{arg}'")))
+        .copied()
 }
 
 fn insert_str(args: &mut FieldTable, key: &str, value: &str) {
@@ -187,8 +196,18 @@ fn insert_str(args: &mut FieldTable, key: &str, value: &str) {
     );
 }
 
-async fn declare_quorum(channel: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
-    channel
+/// Declares quorum queue `name` with `args` on `channel`. A queue that exists
+/// with another value of one of the `tolerated` arguments is kept as it is:
+/// the 406 closed `channel`, so it is replaced by a new one, on which the
+/// queue's existence is checked (passively) and a warning says what differs.
+async fn declare_quorum(
+    connection: &Connection,
+    channel: &mut Channel,
+    name: &str,
+    args: FieldTable,
+    tolerated: &[&str],
+) -> lapin::Result<()> {
+    let declared = channel
         .queue_declare(
             name.into(),
             QueueDeclareOptions {
@@ -196,6 +215,35 @@ async fn declare_quorum(channel: &Channel, name: &str, args: FieldTable) -> lapi
                 ..QueueDeclareOptions::default()
             },
             args,
+        )
+        .await;
+    let error = match declared {
+        Ok(_) => return Ok(()),
+        Err(error) => error,
+    };
+    let Some(arg) = inequivalent(&error, tolerated) else {
+        return Err(error);
+    };
+    if arg == DELIVERY_LIMIT_ARG {
+        tracing::warn!(
+            queue = %name,
+            "the DLQ was declared without x-delivery-limit: on RabbitMQ 4.0-4.2 a dead letter read 20 times is dropped; give it a delivery-limit policy or recreate it"
+        );
+    } else {
+        tracing::warn!(
+            queue = %name,
+            "the queue exists with another initial group size (fixed when it was created); it is kept as it is: change its members with `rabbitmq-queues grow` or `shrink`"
+        );
+    }
+    *channel = connection.create_channel().await?;
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
         )
         .await
         .map(|_| ())

@@ -67,6 +67,12 @@ pub struct QueueSpec {
     pub delivery_limit: u32,
     /// How [`Outcome::Retry`](crate::Outcome::Retry) is retried.
     pub retry: RetryPolicy,
+    /// On how many cluster nodes the queue, its DLQ and its retry queues get
+    /// replicas when created (`x-quorum-initial-group-size`); `None` leaves it
+    /// to the broker. Fixed at creation: a queue that exists with another
+    /// size is kept as it is (with a warning); its members are changed with
+    /// `rabbitmq-queues grow`/`shrink`.
+    pub initial_group_size: Option<u32>,
 }
 
 /// Transient failures are retried after `delays[attempt - 1]` (the last delay is
@@ -123,6 +129,7 @@ impl QueueSpec {
             dead_letter_exchange: dead_letter_exchange.into(),
             delivery_limit: 10,
             retry: RetryPolicy::default(),
+            initial_group_size: None,
         }
     }
 
@@ -144,6 +151,13 @@ impl QueueSpec {
     #[must_use]
     pub fn with_delivery_limit(mut self, limit: u32) -> Self {
         self.delivery_limit = limit;
+        self
+    }
+
+    /// The same queue with another [`QueueSpec::initial_group_size`].
+    #[must_use]
+    pub fn with_initial_group_size(mut self, size: Option<u32>) -> Self {
+        self.initial_group_size = size;
         self
     }
 
@@ -171,6 +185,16 @@ impl QueueSpec {
 }
 
 impl Topology {
+    /// The same topology with every queue's
+    /// [`initial_group_size`](QueueSpec::initial_group_size) set to `size`.
+    #[must_use]
+    pub fn with_initial_group_size(mut self, size: Option<u32>) -> Self {
+        for queue in &mut self.queues {
+            queue.initial_group_size = size;
+        }
+        self
+    }
+
     /// One topic exchange, its dead-letter exchange and one queue: the smallest
     /// topology the consumer runtime works on (tests and benchmarks).
     pub fn single_queue(exchange: &str, dead_letter_exchange: &str, queue: QueueSpec) -> Self {

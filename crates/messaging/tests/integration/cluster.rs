@@ -76,3 +76,39 @@ async fn when_its_node_is_lost_the_connection_moves_to_the_next_and_publishing_r
     .await;
     fixture.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queues_get_the_initial_group_size_and_one_made_without_it_is_kept() {
+    // A fresh topology: the queue, its DLQ and its retry queues carry the size.
+    let mut names = support::Names::new(support::fast_retry(2));
+    names.queue = names.queue.with_initial_group_size(Some(1));
+    let fixture = Fixture::start(names, false).await;
+    for queue in fixture.names.queue.queue_names() {
+        let args = support::queue_arguments(&queue).expect("declared");
+        assert!(
+            args.contains("x-quorum-initial-group-size"),
+            "{queue}: {args}"
+        );
+    }
+    fixture.finish().await;
+
+    // A queue made without it (one broker, before the move to a cluster): the
+    // declaration keeps it as it is instead of failing the connection.
+    let mut names = support::Names::new(support::fast_retry(2));
+    let (conn, _ch) = support::raw_channel().await;
+    names
+        .topology()
+        .declare(&conn)
+        .await
+        .expect("declared without the size");
+    names.queue = names.queue.with_initial_group_size(Some(1));
+    let kept = Fixture::start(names, false).await;
+    for queue in kept.names.queue.queue_names() {
+        let args = support::queue_arguments(&queue).expect("declared");
+        assert!(
+            !args.contains("x-quorum-initial-group-size"),
+            "{queue} kept as it was: {args}"
+        );
+    }
+    kept.finish().await;
+}

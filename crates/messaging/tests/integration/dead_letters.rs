@@ -633,17 +633,6 @@ async fn a_redrive_the_broker_refuses_part_way_leaves_every_unsent_message_in_th
     fixture.stop().await;
 }
 
-/// A queue's arguments as the broker reports them.
-fn queue_arguments(queue: &str) -> Option<String> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "name", "arguments"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{queue}\t")).map(str::to_owned))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dlq_made_before_dlqs_had_a_delivery_limit_is_kept_and_the_service_still_connects() {
     let names = Names::new(support::fast_retry(2));
@@ -671,15 +660,15 @@ async fn a_dlq_made_before_dlqs_had_a_delivery_limit_is_kept_and_the_service_sti
     // Connects over the old DLQ (or panics saying why).
     let old = Fixture::start(names, false).await;
     let names = &old.names;
-    let args = queue_arguments(&names.queue.dlq_name()).expect("the DLQ exists");
+    let args = support::queue_arguments(&names.queue.dlq_name()).expect("the DLQ exists");
     assert!(!args.contains("x-delivery-limit"), "kept as it was: {args}");
-    let queue_args = queue_arguments(&names.queue.name).expect("the queue was declared");
+    let queue_args = support::queue_arguments(&names.queue.name).expect("the queue was declared");
     assert!(queue_args.contains("x-delivery-limit"), "{queue_args}");
     old.finish().await;
 
     // A fresh one gets the limit.
     let fresh = Fixture::without_database(support::fast_retry(2)).await;
-    let args = queue_arguments(&fresh.names.queue.dlq_name()).expect("the DLQ exists");
+    let args = support::queue_arguments(&fresh.names.queue.dlq_name()).expect("the DLQ exists");
     assert!(
         args.contains("x-delivery-limit") && args.contains("1000000"),
         "{args}"

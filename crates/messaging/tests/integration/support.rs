@@ -529,3 +529,14 @@ where
         _ => run(),
     }
 }
+
+/// A queue's arguments as the broker reports them.
+pub fn queue_arguments(queue: &str) -> Option<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name", "arguments"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{queue}\t")).map(str::to_owned))
+}

@@ -33,6 +33,9 @@ pub struct Common {
     /// Refusals of one outbox row by the broker before it is parked
     /// (`OUTBOX_PARK_AFTER`).
     pub outbox_park_after: u32,
+    /// Nodes holding each queue's replicas when the queue is created
+    /// (`AMQP_QUORUM_INITIAL_GROUP_SIZE`); `None` leaves it to RabbitMQ.
+    pub quorum_group_size: Option<u32>,
 }
 
 /// The variables [`Common::from_env`] reads.
@@ -50,6 +53,7 @@ pub const COMMON_VARIABLES: &[&str] = &[
     "DATABASE_STATEMENT_TIMEOUT",
     "OUTBOX_PARK_AFTER",
     "AMQP_PREFETCH",
+    "AMQP_QUORUM_INITIAL_GROUP_SIZE",
     "CONSUMER_CONCURRENCY",
     "CONSUMER_BATCH",
     "DATABASE_POOL_SIZE",
@@ -87,6 +91,18 @@ impl Common {
                 });
             }
         }
+        let quorum_group_size = match super::optional(env, "AMQP_QUORUM_INITIAL_GROUP_SIZE") {
+            None => None,
+            Some(raw) => match raw.parse::<u32>() {
+                Ok(size) if size >= 1 => Some(size),
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        name: "AMQP_QUORUM_INITIAL_GROUP_SIZE",
+                        reason: format!("'{raw}' is not a number of nodes (1 or more)"),
+                    });
+                }
+            },
+        };
         Ok(Self {
             database_url: Secret::new(database_url(env)?),
             amqp,
@@ -105,6 +121,7 @@ impl Common {
             )?,
             handler_timeout: duration(env, "HANDLER_TIMEOUT", Duration::from_secs(30))?,
             outbox_park_after,
+            quorum_group_size,
         })
     }
 }

@@ -141,3 +141,25 @@ fn a_crash_point_is_refused_exactly_by_builds_without_crash_points() {
     );
     assert!(super::crash_point_supported(&HashMap::new()).is_ok());
 }
+
+#[test]
+fn the_quorum_group_size_is_a_number_of_nodes_or_left_to_rabbitmq() {
+    let base = [
+        ("DATABASE_URL", "postgres://localhost/x"),
+        ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+    ];
+    let read = |size: Option<&str>| {
+        let mut pairs = base.to_vec();
+        pairs.extend(size.map(|s| ("AMQP_QUORUM_INITIAL_GROUP_SIZE", s)));
+        Common::from_env(&env(&pairs), "test", "127.0.0.1:0")
+    };
+    assert_eq!(read(None).expect("unset").quorum_group_size, None);
+    assert_eq!(read(Some("3")).expect("3").quorum_group_size, Some(3));
+    for bad in ["0", "three", "-1"] {
+        let err = read(Some(bad)).expect_err(bad).to_string();
+        assert!(
+            err.starts_with("AMQP_QUORUM_INITIAL_GROUP_SIZE is invalid"),
+            "{err}"
+        );
+    }
+}

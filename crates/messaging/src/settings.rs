@@ -11,7 +11,7 @@ use crate::backoff::Backoff;
 ///
 /// A cluster is a list of nodes (`AMQP_URL=amqp://…@rabbit-0/shop,amqp://…@rabbit-1/shop`):
 /// a [`Broker`](crate::Broker) starts at a random one, so replicas spread over
-/// the cluster, and moves on to the next when its node is lost.
+/// the cluster, and moves to another node (a random one first) when its node is lost.
 #[derive(Clone)]
 pub struct AmqpSettings {
     /// The first node's URL; the accessors (`host`, `port`, `user`, `vhost`) read it.
@@ -45,19 +45,23 @@ pub struct InvalidUrl(String);
 
 impl AmqpSettings {
     /// Parses an `amqp://` or `amqps://` URL (user, password, host, port, vhost and
-    /// the `heartbeat` / `connection_timeout` query parameters), or a
-    /// comma-separated list of them, one per node of a cluster (the first
-    /// one's query parameters apply).
+    /// the `heartbeat` / `connection_timeout` query parameters), or a list of
+    /// them, one per node of a cluster, separated by commas or white space
+    /// (a file with one URL per line works). The nodes of a list must agree on
+    /// scheme, user and vhost; the first one's query parameters apply to
+    /// every node. A `,` in a password is written `%2C`.
     pub fn from_url(url: &str) -> Result<Self, InvalidUrl> {
         let mut nodes = Vec::new();
-        for (index, part) in url.split(',').map(str::trim).enumerate() {
-            if part.is_empty() {
-                return Err(InvalidUrl(format!(
-                    "node {} of the list is empty (a stray comma?)",
-                    index + 1
-                )));
+        for part in url
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|part| !part.is_empty())
+        {
+            let mut node = parse_node(part)?;
+            if let Some(first) = nodes.first() {
+                same_cluster(first, &node, nodes.len() + 1)?;
+                node.query = first.query.clone();
             }
-            nodes.push(parse_node(part)?);
+            nodes.push(node);
         }
         let mut nodes = nodes.into_iter();
         let Some(uri) = nodes.next() else {
@@ -187,6 +191,27 @@ fn redact(message: &str, url: &str) -> String {
     }
 }
 
+/// Node `number` (1-based) of a list must reach the same cluster the same way
+/// as the first: a list mixing `amqp://` and `amqps://` would send the
+/// credentials in clear to some nodes.
+fn same_cluster(first: &AMQPUri, node: &AMQPUri, number: usize) -> Result<(), InvalidUrl> {
+    let differs = if node.scheme != first.scheme {
+        Some("scheme (amqp:// or amqps://)")
+    } else if node.authority.userinfo != first.authority.userinfo {
+        Some("user or password")
+    } else if node.vhost != first.vhost {
+        Some("vhost")
+    } else {
+        None
+    };
+    match differs {
+        Some(what) => Err(InvalidUrl(format!(
+            "node {number} of the list differs from the first in its {what}: the nodes of one cluster take the same"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// One node's URL.
 fn parse_node(url: &str) -> Result<AMQPUri, InvalidUrl> {
     if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
@@ -301,11 +326,41 @@ mod tests {
     }
 
     #[test]
-    fn a_list_with_an_empty_or_invalid_node_is_refused_without_the_password() {
-        let err = AmqpSettings::from_url("amqp://u:hunter2@a/v,").expect_err("empty node");
-        assert!(err.to_string().contains("node 2"), "{err}");
+    fn a_list_may_be_one_url_per_line_and_a_stray_comma_is_no_node() {
+        let s =
+            AmqpSettings::from_url("amqp://u:secret@a:5672/shop\namqp://u:secret@b:5672/shop,\n")
+                .expect("a file with a URL per line");
+        assert_eq!(s.nodes(), 2);
+        assert_eq!(s.node(1).host(), "b");
+        assert_eq!(s.node(1).vhost(), "shop", "not the next line glued on");
+        assert!(!s.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn the_first_nodes_query_applies_to_every_node() {
+        let s = AmqpSettings::from_url("amqp://u:p@a/v?frame_max=8192,amqp://u:p@b/v?frame_max=1")
+            .expect("valid");
+        assert_eq!(s.node(1).uri().query.frame_max, Some(8192));
+    }
+
+    #[test]
+    fn nodes_that_differ_in_scheme_user_or_vhost_are_refused_without_the_password() {
+        for (list, what) in [
+            ("amqps://u:hunter2@a/v,amqp://u:hunter2@b/v", "scheme"),
+            ("amqp://u:hunter2@a/v,amqp://w:hunter2@b/v", "user"),
+            ("amqp://u:hunter2@a/v,amqp://u:other@b/v", "password"),
+            ("amqp://u:hunter2@a/v,amqp://u:hunter2@b/w", "vhost"),
+        ] {
+            let err = AmqpSettings::from_url(list).expect_err(what).to_string();
+            assert!(
+                err.contains("node 2") && err.contains(what),
+                "{what}: {err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
         let err = AmqpSettings::from_url("amqp://u:hunter2@a/v,http://u:hunter2@b")
             .expect_err("bad scheme");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(AmqpSettings::from_url(" , ").is_err(), "no URL at all");
     }
 }

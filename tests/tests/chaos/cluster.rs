@@ -9,9 +9,10 @@
 //! 2. **rolling restart**: each node stopped gracefully and started again, one
 //!    after the other.
 //!
-//! After each kill or stop, *recovered* is the time until every service's
-//! connections and consumers are up again and an order placed after the fault
-//! has reached its final state. After each phase: every order terminal,
+//! After each kill or stop, *recovered* is the time until both connections of
+//! every service are up again on a live node, every consumer is subscribed,
+//! and an order placed after the fault has reached its final state with both
+//! its notifications. After each phase: every order terminal,
 //! nothing lost or duplicated (the suite's invariants), and every service
 //! queue has its consumer.
 
@@ -88,13 +89,19 @@ async fn connected_nodes(
         .collect()
 }
 
-/// Every service's connections up and consumers subscribed.
-async fn all_connected(http: &reqwest::Client, urls: &harness::Urls) -> bool {
+/// Every service's connections up, none on `gone`, and its consumers
+/// subscribed (a readiness body without a broker or a consumer check is not).
+async fn all_connected(
+    http: &reqwest::Client,
+    urls: &harness::Urls,
+    cluster: &RabbitCluster,
+    gone: usize,
+) -> bool {
     for url in [&urls.order, &urls.inventory, &urls.notification] {
         let Some(ready) = readiness(http, url).await else {
             return false;
         };
-        let up = ready["checks"]
+        let checks: Vec<&Value> = ready["checks"]
             .as_array()
             .into_iter()
             .flatten()
@@ -102,17 +109,24 @@ async fn all_connected(http: &reqwest::Client, urls: &harness::Urls) -> bool {
                 c["name"] == "broker"
                     || c["name"]
                         .as_str()
-                        .is_some_and(|n| n.starts_with("consumer"))
+                        .is_some_and(|n| n.starts_with("consumer "))
             })
-            .all(|c| c["ok"] == true);
-        if !up {
+            .collect();
+        let has_broker = checks.iter().any(|c| c["name"] == "broker");
+        if !has_broker || checks.len() < 2 || checks.iter().any(|c| c["ok"] != true) {
+            return false;
+        }
+        // Both connections (publish and consume) back, on live nodes.
+        let nodes = connected_nodes(http, url, cluster).await;
+        if nodes.len() < 2 || nodes.iter().any(|(_, node)| *node == gone) {
             return false;
         }
     }
     true
 }
 
-/// Places one order and waits until it is confirmed, rejected or cancelled.
+/// Places one order and waits until it is confirmed, rejected or cancelled and
+/// both its notifications are written: every service took part.
 async fn probe_order(http: &reqwest::Client, chaos: &Chaos, tag: &str) -> Placed {
     let customer = format!("{}-probe-{tag}", chaos.name);
     let sku = chaos.skus[chaos.skus.len() - 1].clone();
@@ -133,21 +147,23 @@ async fn probe_order(http: &reqwest::Client, chaos: &Chaos, tag: &str) -> Placed
         }
     })
     .await;
-    testkit::wait_until("the probe order settled", RECOVERY_DEADLINE, || async {
-        let Ok(response) = http
+    let status = testkit::wait_for("the probe order settled", RECOVERY_DEADLINE, || async {
+        let response = http
             .get(format!("{}/orders/{id}", chaos.urls.order))
             .send()
             .await
-        else {
-            return false;
-        };
-        let order: Value = response.json().await.unwrap_or_default();
-        matches!(
-            order["status"].as_str(),
-            Some("confirmed" | "rejected" | "cancelled")
-        )
+            .ok()?;
+        let order: Value = response.json().await.ok()?;
+        order["status"]
+            .as_str()
+            .filter(|s| matches!(*s, "confirmed" | "rejected" | "cancelled"))
+            .map(str::to_owned)
     })
     .await;
+    chaos
+        .stack
+        .wait_notified(&id, &["order.placed", &format!("order.{status}")])
+        .await;
     Placed {
         id,
         sku,
@@ -156,14 +172,20 @@ async fn probe_order(http: &reqwest::Client, chaos: &Chaos, tag: &str) -> Placed
     }
 }
 
-/// After a fault at `since`: waits until the saga works again and returns how
-/// long that took, with the probe order it placed.
-async fn recover(chaos: &Chaos, since: Instant, tag: &str) -> (Duration, Placed) {
+/// After node `gone` failed at `since`: waits until the saga works again and
+/// returns how long that took, with the probe order it placed.
+async fn recover(
+    chaos: &Chaos,
+    cluster: &RabbitCluster,
+    gone: usize,
+    since: Instant,
+    tag: &str,
+) -> (Duration, Placed) {
     let http = client();
     testkit::wait_until(
-        "every connection and consumer up",
+        "every connection and consumer up, off the failed node",
         RECOVERY_DEADLINE,
-        || all_connected(&http, &chaos.urls),
+        || all_connected(&http, &chaos.urls, cluster, gone),
     )
     .await;
     let probe = probe_order(&http, chaos, tag).await;
@@ -260,7 +282,7 @@ async fn cluster_nodes_killed_and_restarted_under_load_lose_and_duplicate_nothin
         let since = Instant::now();
         on_cluster(&cluster, move |c| c.kill(node)).await;
         faults += 1;
-        let (took, probe) = recover(&chaos, since, &format!("kill-{faults}")).await;
+        let (took, probe) = recover(&chaos, &cluster, node, since, &format!("kill-{faults}")).await;
         report(&format!(
             "chaos cluster-kills: SIGKILL node {node} ({what}): recovered_in={:.1}s",
             took.as_secs_f64()
@@ -273,7 +295,9 @@ async fn cluster_nodes_killed_and_restarted_under_load_lose_and_duplicate_nothin
     let since = Instant::now();
     on_cluster(&cluster, move |c| c.kill(leader)).await;
     faults += 1;
-    let (took, probe) = recover(&chaos, since, "kill-leader").await;
+    let (took, probe) = recover(&chaos, &cluster, leader, since, "kill-leader").await;
+    let new_leader = on_cluster(&cluster, |c| c.leader(contracts::names::INVENTORY_QUEUE)).await;
+    assert_ne!(new_leader, leader, "another node leads after the kill");
     report(&format!(
         "chaos cluster-kills: SIGKILL node {leader} (leader of {}): recovered_in={:.1}s",
         contracts::names::INVENTORY_QUEUE,
@@ -299,7 +323,8 @@ async fn cluster_nodes_killed_and_restarted_under_load_lose_and_duplicate_nothin
     for node in 0..cluster.len() {
         let since = Instant::now();
         on_cluster(&cluster, move |c| c.stop(node)).await;
-        let (took, probe) = recover(&chaos, since, &format!("restart-{node}")).await;
+        let (took, probe) =
+            recover(&chaos, &cluster, node, since, &format!("restart-{node}")).await;
         report(&format!(
             "chaos cluster-rolling-restart: node {node} stopped: recovered_in={:.1}s",
             took.as_secs_f64()

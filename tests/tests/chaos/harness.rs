@@ -300,8 +300,19 @@ impl Chaos {
                 break;
             }
         }
+        if conn.is_none() {
+            report
+                .details
+                .push("no broker node answered for the DLQ check".into());
+            report.unready = true;
+        }
         if let Some(conn) = conn {
-            if let Ok(channel) = conn.create_channel().await {
+            let channel = conn.create_channel().await;
+            if channel.is_err() {
+                report.details.push("no channel for the DLQ check".into());
+                report.unready = true;
+            }
+            if let Ok(channel) = channel {
                 for queue in [
                     contracts::names::ORDER_QUEUE,
                     contracts::names::INVENTORY_QUEUE,

@@ -25,11 +25,16 @@ pub(super) async fn supervise(inner: Arc<Inner>, mut connection: Arc<Connection>
         let lost = inner.node.load(Ordering::Relaxed);
         let nodes = inner.settings.nodes();
         tracing::warn!(broker = %inner.settings.node(lost), "RabbitMQ connection lost; reconnecting");
+        // Another node first, picked at random so the connections that
+        // leave one node spread over the others (the lost node may be gone for
+        // good); then every node in turn. A single node is tried again and again.
+        let first = match nodes {
+            1 => lost,
+            _ => lost + 1 + rand::random_range(0..nodes - 1),
+        };
         let mut attempt = 0u32;
         connection = loop {
-            // The next node first: the lost one may be gone for good (a
-            // single node is tried again and again).
-            let node = (lost + 1 + attempt as usize) % nodes;
+            let node = (first + attempt as usize) % nodes;
             let settings = inner.settings.node(node);
             tokio::select! {
                 () = inner.shutdown.cancelled() => return,

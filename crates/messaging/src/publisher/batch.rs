@@ -18,7 +18,7 @@ impl Publisher {
     /// `basic.return` to an arbitrary confirm of a multiple-ack, so a return is
     /// matched to its message by `message_id`; with one batch in flight every
     /// return belongs to it. For the same reason a channel whose batch did not
-    /// settle completely (timeout, alarm, channel error) is never reused.
+    /// settle completely (timeout, alarm, channel error, a nack) is never reused.
     pub async fn publish_batch(
         &self,
         messages: &[OutgoingMessage],
@@ -136,7 +136,15 @@ impl Publisher {
                 return vec![Err(PublishError::Blocked); messages.len()];
             }
         };
-        if confirmations.iter().any(Result::is_err) {
+        // A nack may be the channel's, not the message's: RabbitMQ 3.10 nacks
+        // every publish on a channel that first reached a quorum queue while
+        // the queue's leader node was down, for as long as the channel lives
+        // (seen in the cluster chaos scenario). So a channel that saw a nack is
+        // not reused either; the next batch opens a fresh one.
+        if confirmations
+            .iter()
+            .any(|c| !matches!(c, Ok(Confirmation::Ack(_) | Confirmation::NotRequested)))
+        {
             Self::discard(&mut slot);
         }
         drop(slot);

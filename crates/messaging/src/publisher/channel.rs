@@ -1,6 +1,6 @@
 //! The publisher's one confirm-mode channel: opened on first use and after every
 //! reconnect or channel error, and discarded (closed in the background) after a
-//! batch that did not settle completely.
+//! batch that did not settle completely or saw a nack.
 
 use std::time::Duration;
 

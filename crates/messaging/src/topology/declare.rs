@@ -120,7 +120,7 @@ impl QueueSpec {
         if let Some(size) = self.initial_group_size {
             args.insert(
                 GROUP_SIZE_ARG.into(),
-                AMQPValue::LongLongInt(i64::from(size)),
+                AMQPValue::LongLongInt(i64::from(size.get())),
             );
         }
         args
@@ -174,7 +174,7 @@ impl Topology {
     }
 }
 
-/// The argument of `tolerated` a 406 "inequivalent arg" names, if any.
+/// The argument of `tolerated` a 406 `inequivalent arg '<arg>'` names, if any.
 fn inequivalent<'a>(error: &lapin::Error, tolerated: &[&'a str]) -> Option<&'a str> {
     let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
         return None;
@@ -185,7 +185,7 @@ fn inequivalent<'a>(error: &lapin::Error, tolerated: &[&'a str]) -> Option<&'a s
     let message = amqp.get_message().as_str();
     tolerated
         .iter()
-        .find(|arg| message.contains(&format!("'{arg}'")))
+        .find(|arg| message.contains(&format!("inequivalent arg '{arg}'")))
         .copied()
 }
 
@@ -196,55 +196,74 @@ fn insert_str(args: &mut FieldTable, key: &str, value: &str) {
     );
 }
 
-/// Declares quorum queue `name` with `args` on `channel`. A queue that exists
-/// with another value of one of the `tolerated` arguments is kept as it is:
-/// the 406 closed `channel`, so it is replaced by a new one, on which the
-/// queue's existence is checked (passively) and a warning says what differs.
+/// Declares quorum queue `name` with `args` on `channel`.
+///
+/// A queue that exists with another value (or none) of one of the `tolerated`
+/// arguments is kept as it is, with a warning: the 406 closed `channel`, so it
+/// is replaced by a new one, and the queue is declared again without that
+/// argument, so the other arguments are still checked (RabbitMQ reports only
+/// the first difference). When the queue has a value of an argument no longer
+/// sent, its existence is checked passively instead.
 async fn declare_quorum(
     connection: &Connection,
     channel: &mut Channel,
     name: &str,
-    args: FieldTable,
+    mut args: FieldTable,
     tolerated: &[&str],
 ) -> lapin::Result<()> {
-    let declared = channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await;
-    let error = match declared {
-        Ok(_) => return Ok(()),
-        Err(error) => error,
-    };
-    let Some(arg) = inequivalent(&error, tolerated) else {
-        return Err(error);
-    };
+    let mut dropped: Vec<&str> = Vec::new();
+    loop {
+        let declared = channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args.clone(),
+            )
+            .await;
+        let error = match declared {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        let Some(arg) = inequivalent(&error, tolerated) else {
+            return Err(error);
+        };
+        warn_kept(name, arg);
+        *channel = connection.create_channel().await?;
+        if dropped.contains(&arg) {
+            // It has a value we no longer send: keep it (the arguments RabbitMQ
+            // compares after this one go unchecked).
+            return channel
+                .queue_declare(
+                    name.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|_| ());
+        }
+        dropped.push(arg);
+        let mut map = args.inner().clone();
+        map.remove(arg);
+        args = FieldTable::from(map);
+    }
+}
+
+fn warn_kept(queue: &str, arg: &str) {
     if arg == DELIVERY_LIMIT_ARG {
         tracing::warn!(
-            queue = %name,
+            %queue,
             "the DLQ was declared without x-delivery-limit: on RabbitMQ 4.0-4.2 a dead letter read 20 times is dropped; give it a delivery-limit policy or recreate it"
         );
     } else {
         tracing::warn!(
-            queue = %name,
-            "the queue exists with another initial group size (fixed when it was created); it is kept as it is: change its members with `rabbitmq-queues grow` or `shrink`"
+            %queue,
+            "the queue exists with another initial group size (fixed when it was created); it is kept as it is: change its replicas with `rabbitmq-queues grow` or `shrink`"
         );
     }
-    *channel = connection.create_channel().await?;
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|_| ())
 }

@@ -2,7 +2,7 @@
 //! consumer queues one process declares, each queue's retry policy, and the
 //! names its DLQ and retry queues get.
 
-use std::time::Duration;
+use std::{num::NonZeroU32, time::Duration};
 
 /// Everything one process declares: the exchanges it publishes to, and the
 /// queues it consumes with everything they need. Every replica declares the
@@ -72,7 +72,7 @@ pub struct QueueSpec {
     /// to the broker. Fixed at creation: a queue that exists with another
     /// size is kept as it is (with a warning); its members are changed with
     /// `rabbitmq-queues grow`/`shrink`.
-    pub initial_group_size: Option<u32>,
+    pub initial_group_size: Option<NonZeroU32>,
 }
 
 /// Transient failures are retried after `delays[attempt - 1]` (the last delay is
@@ -156,7 +156,7 @@ impl QueueSpec {
 
     /// The same queue with another [`QueueSpec::initial_group_size`].
     #[must_use]
-    pub fn with_initial_group_size(mut self, size: Option<u32>) -> Self {
+    pub fn with_initial_group_size(mut self, size: Option<NonZeroU32>) -> Self {
         self.initial_group_size = size;
         self
     }
@@ -188,7 +188,7 @@ impl Topology {
     /// The same topology with every queue's
     /// [`initial_group_size`](QueueSpec::initial_group_size) set to `size`.
     #[must_use]
-    pub fn with_initial_group_size(mut self, size: Option<u32>) -> Self {
+    pub fn with_initial_group_size(mut self, size: Option<NonZeroU32>) -> Self {
         for queue in &mut self.queues {
             queue.initial_group_size = size;
         }

@@ -153,9 +153,10 @@ async fn with_the_broker_unreachable_the_commit_succeeds_and_the_event_goes_out_
         },
     )
     .await;
-    // A round that found the broker up just before the cut may claim the row
-    // once (the check and the claim are not atomic); after that, while the
-    // relay knows the broker is away, it claims nothing.
+    // A round that checked the broker just before the cut and claimed just
+    // after the row's commit may claim it once (the check and the claim are
+    // not atomic); after that, while the relay knows the broker is away, it
+    // claims nothing.
     let claims = || async {
         fixture
             .count("SELECT max(attempts)::bigint FROM outbox")

@@ -35,7 +35,7 @@ pub struct Common {
     pub outbox_park_after: u32,
     /// Nodes holding each queue's replicas when the queue is created
     /// (`AMQP_QUORUM_INITIAL_GROUP_SIZE`); `None` leaves it to RabbitMQ.
-    pub quorum_group_size: Option<u32>,
+    pub quorum_group_size: Option<std::num::NonZeroU32>,
 }
 
 /// The variables [`Common::from_env`] reads.
@@ -93,9 +93,9 @@ impl Common {
         }
         let quorum_group_size = match super::optional(env, "AMQP_QUORUM_INITIAL_GROUP_SIZE") {
             None => None,
-            Some(raw) => match raw.parse::<u32>() {
-                Ok(size) if size >= 1 => Some(size),
-                _ => {
+            Some(raw) => match raw.parse::<std::num::NonZeroU32>() {
+                Ok(size) => Some(size),
+                Err(_) => {
                     return Err(ConfigError::Invalid {
                         name: "AMQP_QUORUM_INITIAL_GROUP_SIZE",
                         reason: format!("'{raw}' is not a number of nodes (1 or more)"),

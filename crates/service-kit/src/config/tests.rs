@@ -154,7 +154,10 @@ fn the_quorum_group_size_is_a_number_of_nodes_or_left_to_rabbitmq() {
         Common::from_env(&env(&pairs), "test", "127.0.0.1:0")
     };
     assert_eq!(read(None).expect("unset").quorum_group_size, None);
-    assert_eq!(read(Some("3")).expect("3").quorum_group_size, Some(3));
+    assert_eq!(
+        read(Some("3")).expect("3").quorum_group_size,
+        std::num::NonZeroU32::new(3)
+    );
     for bad in ["0", "three", "-1"] {
         let err = read(Some(bad)).expect_err(bad).to_string();
         assert!(

@@ -1,7 +1,11 @@
 //! A RabbitMQ cluster of its own for a test: nodes of the installed RabbitMQ
 //! started side by side on free loopback ports, joined into one cluster, owned
 //! by the [`RabbitCluster`] value and killed with their files when it drops
-//! (also when the test panics).
+//! (also when the test panics). Each node runs as a child process in a
+//! process group of its own, which a kill ends whole. The nodes of a test
+//! process that died without dropping its cluster (SIGKILL, a CI timeout) are
+//! swept by the next [`RabbitCluster::start`]: each cluster directory names the
+//! process that owns it.
 //!
 //! Each node gets its own directory (home with the shared Erlang cookie,
 //! database, logs, an empty plugin list, a config that listens on its port
@@ -12,13 +16,27 @@
 //! The methods block (they run `rabbitmqctl`): call them from
 //! `tokio::task::spawn_blocking` in async tests.
 
+mod host;
+
 use std::{
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
+use host::{free_ports, kill_group, output_within, set_mode, sweep_orphans};
+
 const SBIN: &str = "/usr/lib/rabbitmq/bin";
+/// What every cluster directory's name starts with.
+const PREFIX: &str = "shoptest-";
+/// `rabbitmqctl list_queues` printing only the values, one queue a line.
+const LIST_QUEUES: &str = "list_queues";
+const QUIET: &str = "--quiet";
+const NO_HEADERS: &str = "--no-table-headers";
+/// The longest a `rabbitmqctl` call may take before it is killed.
+const CTL_LIMIT: Duration = Duration::from_secs(60);
 
 /// A running cluster of RabbitMQ nodes; dropped, it kills them and removes
 /// their files.
@@ -34,6 +52,8 @@ struct Node {
     amqp_port: u16,
     dist_port: u16,
     dir: PathBuf,
+    /// The running `rabbitmq-server`, leader of the node's process group.
+    process: Mutex<Option<Child>>,
 }
 
 impl RabbitCluster {
@@ -41,8 +61,13 @@ impl RabbitCluster {
     /// every one runs. Errors say which step failed, with the tool's output.
     pub fn start(size: usize) -> Result<Self, String> {
         assert!(size >= 1, "a cluster has at least one node");
+        sweep_orphans();
         let prefix = crate::unique("shoptest").replace('_', "-");
         let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("owner"), std::process::id().to_string())
+            .map_err(|e| e.to_string())?;
+        // From here on, dropping `cluster` kills what was started.
         let mut cluster = Self {
             dir,
             nodes: Vec::new(),
@@ -60,6 +85,7 @@ impl RabbitCluster {
                 amqp_port: ports.next().ok_or("no port")?,
                 dist_port: ports.next().ok_or("no port")?,
                 dir,
+                process: Mutex::new(None),
             };
             std::fs::write(
                 node.dir.join("rabbitmq.conf"),
@@ -136,33 +162,42 @@ impl RabbitCluster {
             .join(",")
     }
 
-    /// Kills node `i` with SIGKILL, as a crash would, and waits until it is gone.
+    /// Kills node `i` with SIGKILL, as a crash would (its whole process
+    /// group), and reaps it.
     pub fn kill(&self, i: usize) -> Result<(), String> {
-        let pid = self.pid(i)?;
-        let status = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .map_err(|e| format!("kill {pid}: {e}"))?;
-        if !status.success() {
-            return Err(format!("kill -KILL {pid} failed"));
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            if Instant::now() > deadline {
-                return Err(format!("node {i} (pid {pid}) survived SIGKILL"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = std::fs::remove_file(self.nodes[i].dir.join("pid"));
-        Ok(())
+        let mut process = self.process(i);
+        let Some(mut child) = process.take() else {
+            return Err(format!("node {i} is not running"));
+        };
+        kill_group(child.id());
+        child
+            .wait()
+            .map(|_| ())
+            .map_err(|e| format!("node {i}: {e}"))
     }
 
-    /// Stops node `i` gracefully (`rabbitmqctl stop`), as a rolling restart does.
+    /// Stops node `i` gracefully (`rabbitmqctl stop`), as a rolling restart
+    /// does, and waits (at most a minute) until its process has exited.
     pub fn stop(&self, i: usize) -> Result<(), String> {
-        let pid_file = self.nodes[i].dir.join("pid");
-        // With the pid file, `stop` returns once the process has exited.
-        self.ctl(i, &["stop", &pid_file.display().to_string()])
-            .map(|_| ())
+        self.ctl(i, &["stop"])?;
+        let mut process = self.process(i);
+        let Some(mut child) = process.take() else {
+            return Err(format!("node {i} is not running"));
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => {
+                    kill_group(child.id());
+                    let _ = child.wait();
+                    return Err(format!("node {i} did not exit within a minute of `stop`"));
+                }
+            }
+        }
     }
 
     /// Starts node `i` again (after [`Self::kill`] or [`Self::stop`]) and waits
@@ -177,16 +212,7 @@ impl RabbitCluster {
     pub fn leader(&self, queue: &str) -> Result<usize, String> {
         let mut last = String::new();
         for i in 0..self.len() {
-            match self.ctl(
-                i,
-                &[
-                    "list_queues",
-                    "--quiet",
-                    "--no-table-headers",
-                    "name",
-                    "leader",
-                ],
-            ) {
+            match self.ctl(i, &[LIST_QUEUES, QUIET, NO_HEADERS, "name", "leader"]) {
                 Ok(out) => {
                     for line in out.lines() {
                         let mut fields = line.split_whitespace();
@@ -208,10 +234,7 @@ impl RabbitCluster {
     /// What node 0 reports of `queue` (default vhost) for one `list_queues`
     /// info item (`members`, `arguments`, `leader`, …).
     pub fn queue_info(&self, queue: &str, item: &str) -> Result<String, String> {
-        let out = self.ctl(
-            0,
-            &["list_queues", "--quiet", "--no-table-headers", "name", item],
-        )?;
+        let out = self.ctl(0, &[LIST_QUEUES, QUIET, NO_HEADERS, "name", item])?;
         out.lines()
             .find_map(|line| {
                 let (name, value) = line.split_once('\t')?;
@@ -222,16 +245,7 @@ impl RabbitCluster {
 
     /// `(queue, consumers)` of every queue in the default vhost, asked of node `i`.
     pub fn consumers(&self, i: usize) -> Result<Vec<(String, u64)>, String> {
-        let out = self.ctl(
-            i,
-            &[
-                "list_queues",
-                "--quiet",
-                "--no-table-headers",
-                "name",
-                "consumers",
-            ],
-        )?;
+        let out = self.ctl(i, &[LIST_QUEUES, QUIET, NO_HEADERS, "name", "consumers"])?;
         Ok(out
             .lines()
             .filter_map(|line| {
@@ -243,18 +257,19 @@ impl RabbitCluster {
             .collect())
     }
 
-    /// Runs `rabbitmqctl` against node `i`; its output, or an error with it.
+    /// Runs `rabbitmqctl` against node `i` (killed after a minute); its
+    /// output, or an error with it.
     pub fn ctl(&self, i: usize, args: &[&str]) -> Result<String, String> {
         let node = &self.nodes[i];
-        let output = Command::new(Path::new(SBIN).join("rabbitmqctl"))
+        let mut command = Command::new(Path::new(SBIN).join("rabbitmqctl"));
+        command
             .arg("-n")
             .arg(&node.name)
             .args(args)
             .env("HOME", node.dir.join("home"))
-            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("rabbitmqctl: {e} (is RabbitMQ installed?)"))?;
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1");
+        let output = output_within(command, CTL_LIMIT)
+            .map_err(|e| format!("rabbitmqctl -n {} {args:?}: {e}", node.name))?;
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
         if output.status.success() {
             Ok(text)
@@ -267,14 +282,29 @@ impl RabbitCluster {
         }
     }
 
+    fn process(&self, i: usize) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.nodes[i]
+            .process
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts node `i`'s `rabbitmq-server` in the foreground, as the leader of
+    /// a new process group, its console output to `console.log`.
     fn launch(&self, i: usize) -> Result<(), String> {
         let node = &self.nodes[i];
         let dir = &node.dir;
-        let status = Command::new(Path::new(SBIN).join("rabbitmq-server"))
-            .arg("-detached")
+        let console = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("console.log"))
+            .map_err(|e| e.to_string())?;
+        let console_err = console.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(Path::new(SBIN).join("rabbitmq-server"))
             .env("HOME", dir.join("home"))
             .env("RABBITMQ_NODENAME", &node.name)
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
             .env("RABBITMQ_CONF_ENV_FILE", dir.join("env.conf"))
             .env("RABBITMQ_DIST_PORT", node.dist_port.to_string())
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
@@ -282,31 +312,30 @@ impl RabbitCluster {
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            // Distribution on loopback only; schedulers that do not spin
+            // (four nodes share two cores with the test).
             .env(
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
-                "-kernel inet_dist_use_interface {127,0,0,1}",
+                "-kernel inet_dist_use_interface {127,0,0,1} +sbwt none +sbwtdcpu none +sbwtdio none",
             )
+            .process_group(0)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .stdout(console)
+            .stderr(console_err)
+            .spawn()
             .map_err(|e| format!("rabbitmq-server: {e} (is RabbitMQ installed?)"))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "rabbitmq-server for {} failed: {status}",
-                node.name
-            ))
-        }
+        // For the sweep of an orphaned cluster.
+        let _ = std::fs::write(dir.join("pgid"), child.id().to_string());
+        *self.process(i) = Some(child);
+        Ok(())
     }
 
     /// Waits (at most 90 s) until node `i` has started its RabbitMQ application.
     fn await_running(&self, i: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            // The detached node registers after a moment: until then every
-            // command fails at once, so ask again.
+            // The node registers after a moment: until then every command
+            // fails at once, so ask again.
             match self.ctl(i, &["await_startup", "--timeout", "10"]) {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
@@ -316,18 +345,18 @@ impl RabbitCluster {
                         self.log_tail(i)
                     ));
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                Err(_) => {
+                    if let Some(Ok(Some(status))) = self.process(i).as_mut().map(Child::try_wait) {
+                        return Err(format!(
+                            "{} exited ({status}) while starting\n{}",
+                            self.nodes[i].name,
+                            self.log_tail(i)
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
             }
         }
-    }
-
-    fn pid(&self, i: usize) -> Result<u32, String> {
-        let file = self.nodes[i].dir.join("pid");
-        std::fs::read_to_string(&file)
-            .map_err(|e| format!("{}: {e}", file.display()))?
-            .trim()
-            .parse()
-            .map_err(|e| format!("{}: {e}", file.display()))
     }
 
     /// The last lines of node `i`'s log, for failure messages.
@@ -345,42 +374,11 @@ impl RabbitCluster {
 impl Drop for RabbitCluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
-            if self.pid(i).is_ok() {
-                let _ = self.kill(i);
+            if let Some(mut child) = self.process(i).take() {
+                kill_group(child.id());
+                let _ = child.wait();
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Ports for the nodes, free now, from 21000-31999: below the ephemeral range
-/// (32768 on), where a client's outgoing connection could take a port between
-/// this check and the node's bind, and away from the ports RabbitMQ's own CLI
-/// tools bind (35672-35682) and the machine broker's distribution port (25672).
-fn free_ports(count: usize) -> Result<Vec<u16>, String> {
-    let mut held = Vec::new();
-    let mut ports = Vec::new();
-    let start: u16 = 21_000 + (uuid::Uuid::new_v4().as_u128() % 11_000) as u16;
-    for offset in 0..11_000u16 {
-        if ports.len() == count {
-            break;
-        }
-        let port = 21_000 + (start - 21_000 + offset) % 11_000;
-        if port == 25_672 {
-            continue;
-        }
-        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            held.push(listener);
-            ports.push(port);
-        }
-    }
-    if ports.len() < count {
-        return Err(format!("only {} free ports in 21000-31999", ports.len()));
-    }
-    Ok(ports)
-}
-
-fn set_mode(path: &Path, mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| e.to_string())
 }

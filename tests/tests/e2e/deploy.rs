@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -459,69 +460,93 @@ fn the_rabbitmq_definitions_hold_exactly_the_topology_the_code_declares() {
     );
 }
 
-/// The permissions each service needs, and the ones it must not have.
+/// The permissions each service needs to declare what it declares (the whole
+/// topology, in any start order), and the ones it must not have.
+///
+/// RabbitMQ checks, on creating a queue: configure on it; with a dead-letter
+/// exchange, also read on the queue and write on that exchange. Binding needs
+/// write on the queue and read on the exchange; publishing, write on the
+/// exchange. So a service that may be the first to start must read every
+/// queue it declares with a dead-letter exchange: the other services' main
+/// queues too, but not their DLQs and retry queues.
 fn check_permissions(user: &str, configure: &str, write: &str, read: &str, origin: &str) {
-    let Declared {
-        exchanges, queues, ..
-    } = declared();
+    use contracts::topology::{Owner, for_service};
     let re = |pattern: &str| {
         regex::Regex::new(pattern).unwrap_or_else(|e| panic!("{origin}: {user}: {pattern}: {e}"))
     };
     let (configure, write, read) = (re(configure), re(write), re(read));
-    let own = match user {
-        "order-service" => contracts::names::ORDER_QUEUE,
-        "inventory-service" => contracts::names::INVENTORY_QUEUE,
-        "notification-service" => contracts::names::NOTIFICATION_QUEUE,
+    let owner = match user {
+        "order-service" => Owner::Order,
+        "inventory-service" => Owner::Inventory,
+        "notification-service" => Owner::Notification,
         other => panic!("{origin}: unexpected user {other}"),
     };
-    // Every service declares (configure) and binds (write) the whole topology.
-    for name in exchanges
-        .iter()
-        .map(|e| e.0.as_str())
-        .chain(queues.keys().map(String::as_str))
-    {
+    let topology = for_service(owner, messaging::RetryPolicy::default());
+    for exchange in &topology.exchanges {
+        let name = exchange.name.as_str();
         assert!(
             configure.is_match(name),
             "{origin}: {user} cannot declare {name}"
         );
         assert!(
             write.is_match(name),
-            "{origin}: {user} cannot write to {name}"
+            "{origin}: {user} cannot publish to {name}"
         );
+        assert!(
+            read.is_match(name),
+            "{origin}: {user} cannot bind from {name}"
+        );
+    }
+    for queue in &topology.queues {
+        // The queue and its retry queues have a dead-letter exchange; the DLQ not.
+        let with_dlx = std::iter::once(queue.name.clone()).chain(
+            queue
+                .retry
+                .delays
+                .iter()
+                .map(|d| queue.retry_queue_name(*d)),
+        );
+        for name in queue.queue_names() {
+            assert!(
+                configure.is_match(&name),
+                "{origin}: {user} cannot declare {name}"
+            );
+            assert!(write.is_match(&name), "{origin}: {user} cannot bind {name}");
+        }
+        for name in with_dlx {
+            assert!(
+                read.is_match(&name),
+                "{origin}: {user} cannot create {name} (a dead-letter exchange needs read)"
+            );
+        }
     }
     // Retries and dead letters are published through the default exchange.
     assert!(
         write.is_match("amq.default"),
         "{origin}: {user} cannot publish retries"
     );
-    // It reads its own queue and the exchanges it binds from, nothing else.
-    for name in [
-        own,
-        contracts::names::EVENTS_EXCHANGE,
-        contracts::names::NOTIFICATIONS_EXCHANGE,
-        contracts::names::DEAD_LETTER_EXCHANGE,
-    ] {
-        assert!(read.is_match(name), "{origin}: {user} cannot read {name}");
-    }
+    let own = contracts::topology::queue(owner, messaging::RetryPolicy::default()).name;
     for other in [
         contracts::names::ORDER_QUEUE,
         contracts::names::INVENTORY_QUEUE,
         contracts::names::NOTIFICATION_QUEUE,
     ] {
         if other != own {
-            assert!(
-                !read.is_match(other),
-                "{origin}: {user} may consume {other} (least privilege)"
-            );
-            assert!(
-                !read.is_match(&format!("{other}.dlq")),
-                "{origin}: {user} may consume {other}.dlq"
-            );
+            for name in [format!("{other}.dlq"), format!("{other}.retry.1000ms")] {
+                assert!(
+                    !read.is_match(&name),
+                    "{origin}: {user} may consume {name} (least privilege)"
+                );
+            }
         }
     }
     assert!(
         !configure.is_match("amq.gen-x") && !configure.is_match("other.queue"),
         "{origin}: {user} configures too much"
+    );
+    assert!(
+        !read.is_match("other.queue"),
+        "{origin}: {user} reads too much"
     );
 }
 
@@ -570,6 +595,14 @@ struct Generator {
     literals: Vec<String>,
     #[serde(default)]
     files: Vec<String>,
+    #[serde(default)]
+    options: GeneratorOptions,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct GeneratorOptions {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[allow(dead_code)] // every field is parsed to check the file; not all are read
@@ -744,10 +777,23 @@ fn the_kubernetes_manifests_are_valid_and_agree_with_the_services() {
                     Some(3),
                     "{file}: a 3-node cluster"
                 );
+                let resources = &document["spec"]["resources"];
+                assert_eq!(
+                    resources["requests"]["memory"], resources["limits"]["memory"],
+                    "{file}: RabbitMQ's memory request equals its limit"
+                );
             }
             Some("Permission") => {
                 let p = &document["spec"]["permissions"];
-                let user = document["spec"]["user"].as_str().expect("user");
+                // A reference, not a name: the operator then waits for the
+                // User and owns the Permission with it.
+                assert!(
+                    document["spec"]["user"].is_null(),
+                    "{file}: Permission names its user by userReference"
+                );
+                let user = document["spec"]["userReference"]["name"]
+                    .as_str()
+                    .expect("userReference.name");
                 check_permissions(
                     user,
                     p["configure"].as_str().expect("c"),
@@ -760,6 +806,91 @@ fn the_kubernetes_manifests_are_valid_and_agree_with_the_services() {
         }
     }
     assert_eq!(deployments, 3);
+}
+
+/// The secret a generator of the kustomization makes, by name.
+fn generated<'a>(kustomization: &'a Kustomization, name: &str) -> &'a Generator {
+    kustomization
+        .secrets
+        .iter()
+        .find(|g| g.name == name)
+        .unwrap_or_else(|| panic!("no secretGenerator {name}"))
+}
+
+#[test]
+fn the_kubernetes_secrets_carry_what_the_operators_need() {
+    let (kustomization, documents) = manifests();
+    // No value with trailing white space: the operators take the bytes as they
+    // are, while the URLs carry the password without them.
+    for generator in &kustomization.secrets {
+        for file in &generator.files {
+            let path = file.split_once('=').map_or(file.as_str(), |(_, p)| p);
+            let value = read(&format!("deploy/k8s/{path}"));
+            assert_eq!(
+                value.trim_end(),
+                value,
+                "{}: {path} ends in white space (a newline?)",
+                generator.name
+            );
+        }
+        for literal in &generator.literals {
+            assert_eq!(
+                literal.trim_end(),
+                literal,
+                "{}: {literal:?}",
+                generator.name
+            );
+        }
+    }
+    let mut users = 0;
+    let mut roles = 0;
+    for (file, document) in &documents {
+        match document["kind"].as_str() {
+            // The topology operator (1.20+) reads only labelled secrets.
+            Some("User") => {
+                users += 1;
+                let name = document["spec"]["importCredentialsSecret"]["name"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{file}: User without importCredentialsSecret"));
+                assert_eq!(
+                    generated(&kustomization, name)
+                        .options
+                        .labels
+                        .get("rabbitmq.com/topology-operator")
+                        .map(String::as_str),
+                    Some("true"),
+                    "{file}: secret {name} lacks the label rabbitmq.com/topology-operator"
+                );
+            }
+            // CloudNativePG applies a changed role secret only when labelled.
+            Some("Cluster") if document["apiVersion"] == "postgresql.cnpg.io/v1" => {
+                let spec = &document["spec"];
+                let secrets = std::iter::once(&spec["bootstrap"]["initdb"]["secret"]["name"])
+                    .chain(
+                        spec["managed"]["roles"]
+                            .as_sequence()
+                            .into_iter()
+                            .flatten()
+                            .map(|r| &r["passwordSecret"]["name"]),
+                    );
+                for name in secrets {
+                    let name = name.as_str().expect("secret name");
+                    roles += 1;
+                    assert_eq!(
+                        generated(&kustomization, name)
+                            .options
+                            .labels
+                            .get("cnpg.io/reload")
+                            .map(String::as_str),
+                        Some("true"),
+                        "{file}: secret {name} lacks the label cnpg.io/reload"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((users, roles), (3, 3), "three RabbitMQ users, three roles");
 }
 
 // --- The definitions on the real broker --------------------------------------
@@ -852,20 +983,164 @@ async fn the_services_run_on_the_definitions_with_least_privilege_users() {
         .wait_notified(&id, &["order.placed", "order.confirmed"])
         .await;
 
-    // order-service's user may not consume inventory's queue.
+    // order-service's user may not consume inventory's dead letters (it may
+    // read inventory's queue: creating it, as the first service to start may,
+    // needs that).
     let conn = lapin::Connection::connect(&imported.url("order-service"), Default::default())
         .await
         .expect("connect");
     let channel = conn.create_channel().await.expect("channel");
     let refused = channel
         .basic_consume(
-            "inventory.order-events".into(),
+            "inventory.order-events.dlq".into(),
             "intruder".into(),
             Default::default(),
             Default::default(),
         )
         .await
-        .expect_err("order-service must not consume inventory's queue");
+        .expect_err("order-service must not consume inventory's DLQ");
     assert!(refused.to_string().contains("ACCESS_REFUSED"), "{refused}");
     stack.stop().await;
+}
+
+// --- The Kubernetes users on the real broker ---------------------------------
+
+/// The Kubernetes manifests' RabbitMQ users and permissions, created under a
+/// private vhost and private user names on the local broker, with nothing
+/// else: no queue exists until a service declares it.
+struct KubernetesUsers {
+    vhost: String,
+    suffix: String,
+}
+
+impl KubernetesUsers {
+    fn create() -> Self {
+        let suffix = testkit::unique("k");
+        let vhost = format!("shop-{suffix}");
+        e2e::rabbitmqctl(&["add_vhost", &vhost]);
+        let users = Self { vhost, suffix };
+        let (_, documents) = manifests();
+        for (_, document) in documents.iter().filter(|(_, d)| d["kind"] == "Permission") {
+            let service = document["spec"]["userReference"]["name"]
+                .as_str()
+                .expect("userReference.name");
+            let p = &document["spec"]["permissions"];
+            let user = users.user(service);
+            e2e::rabbitmqctl(&["add_user", &user, &Self::password(service)]);
+            e2e::rabbitmqctl(&[
+                "set_permissions",
+                "-p",
+                &users.vhost,
+                &user,
+                p["configure"].as_str().expect("configure"),
+                p["write"].as_str().expect("write"),
+                p["read"].as_str().expect("read"),
+            ]);
+        }
+        users
+    }
+
+    fn user(&self, service: &str) -> String {
+        format!("{service}-{}", self.suffix)
+    }
+
+    /// The demo password of deploy/k8s/secrets, exactly as the operator takes it.
+    fn password(service: &str) -> String {
+        read(&format!("deploy/k8s/secrets/{service}-amqp-password"))
+    }
+
+    fn url(&self, service: &str) -> String {
+        format!(
+            "amqp://{}:{}@127.0.0.1:5672/{}",
+            self.user(service),
+            Self::password(service),
+            self.vhost
+        )
+    }
+}
+
+impl Drop for KubernetesUsers {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.vhost])
+            .output();
+        for service in e2e::SERVICES {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["delete_user", &self.user(service)])
+                .output();
+        }
+    }
+}
+
+/// Every order the three services can be started in.
+fn start_orders() -> Vec<[&'static str; 3]> {
+    let [a, b, c] = e2e::SERVICES;
+    vec![
+        [a, b, c],
+        [a, c, b],
+        [b, a, c],
+        [b, c, a],
+        [c, a, b],
+        [c, b, a],
+    ]
+}
+
+/// Starts the three services in `order` under the Kubernetes users on an empty
+/// vhost; each must become ready without a restart, and an order completes.
+async fn start_in_order(order: [&'static str; 3]) {
+    let users = tokio::task::spawn_blocking(KubernetesUsers::create)
+        .await
+        .expect("users");
+    let env = e2e::SERVICES
+        .iter()
+        .map(|s| (*s, "AMQP_URL".to_owned(), users.url(s)))
+        .collect();
+    let mut stack = e2e::Stack::start_with(e2e::Options {
+        env,
+        held_back: e2e::SERVICES.to_vec(),
+        ..e2e::Options::default()
+    })
+    .await;
+    // Each one ready in turn, without a restart: the first declares the whole
+    // topology under its own user (start_service fails if it exits).
+    for service in order {
+        stack.start_service(service).await;
+    }
+    for service in e2e::SERVICES {
+        let url = format!("{}/readyz", stack.url(service));
+        let http = stack.http.clone();
+        // Consumers subscribe just after the service answers ready.
+        testkit::wait_until(
+            &format!("{service} connected and consuming after {order:?}"),
+            Duration::from_secs(30),
+            || async {
+                let Ok(response) = http.get(&url).send().await else {
+                    return false;
+                };
+                let ready: Json = response.json().await.unwrap_or_default();
+                ready["checks"]
+                    .as_array()
+                    .is_some_and(|checks| checks.iter().all(|c| c["ok"] == true))
+            },
+        )
+        .await;
+    }
+    let sku = testkit::unique("K8S");
+    stack.set_stock(&sku, 3).await;
+    let id = stack.place("k8s-users", &[(&sku, 1)]).await;
+    assert_eq!(
+        stack.settled(&id).await["status"],
+        "confirmed",
+        "after {order:?}"
+    );
+    stack.stop().await;
+    drop(users);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_the_kubernetes_users_the_services_start_in_any_order_on_an_empty_vhost() {
+    // Two orders at a time, each on a vhost and databases of its own.
+    for pair in start_orders().chunks(2) {
+        futures_util::future::join_all(pair.iter().map(|order| start_in_order(*order))).await;
+    }
 }

@@ -942,19 +942,26 @@ impl ImportedDefinitions {
 
 impl Drop for ImportedDefinitions {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.vhost])
-            .output();
-        for user in [
+        let users = [
             "order-service",
             "inventory-service",
             "notification-service",
             "shop-admin",
-        ] {
-            let _ = std::process::Command::new("rabbitmqctl")
-                .args(["delete_user", &format!("{user}-{}", self.suffix)])
-                .output();
-        }
+        ]
+        .map(|user| format!("{user}-{}", self.suffix));
+        remove_vhost_and_users(&self.vhost, &users);
+    }
+}
+
+/// Deletes a test's private vhost and users (what is gone already is no error).
+fn remove_vhost_and_users(vhost: &str, users: &[String]) {
+    let _ = std::process::Command::new("rabbitmqctl")
+        .args(["delete_vhost", vhost])
+        .output();
+    for user in users {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", user])
+            .output();
     }
 }
 
@@ -1061,14 +1068,8 @@ impl KubernetesUsers {
 
 impl Drop for KubernetesUsers {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.vhost])
-            .output();
-        for service in e2e::SERVICES {
-            let _ = std::process::Command::new("rabbitmqctl")
-                .args(["delete_user", &self.user(service)])
-                .output();
-        }
+        let users = e2e::SERVICES.map(|service| self.user(service));
+        remove_vhost_and_users(&self.vhost, &users);
     }
 }
 

@@ -85,6 +85,17 @@ async fn when_its_node_is_lost_the_connection_moves_to_another_and_publishing_re
     fixture.finish().await;
 }
 
+/// Each queue the spec declares (queue, DLQ, retry queues) with its arguments.
+fn arguments_of(spec: &messaging::QueueSpec) -> Vec<(String, String)> {
+    spec.queue_names()
+        .into_iter()
+        .map(|queue| {
+            let args = support::queue_arguments(&queue).expect("declared");
+            (queue, args)
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn queues_get_the_initial_group_size_and_one_made_without_it_is_kept() {
     // A fresh topology: the queue, its DLQ and its retry queues carry the size.
@@ -93,8 +104,7 @@ async fn queues_get_the_initial_group_size_and_one_made_without_it_is_kept() {
         .queue
         .with_initial_group_size(std::num::NonZeroU32::new(1));
     let fixture = Fixture::start(names, false).await;
-    for queue in fixture.names.queue.queue_names() {
-        let args = support::queue_arguments(&queue).expect("declared");
+    for (queue, args) in arguments_of(&fixture.names.queue) {
         assert!(
             args.contains("x-quorum-initial-group-size"),
             "{queue}: {args}"
@@ -115,8 +125,7 @@ async fn queues_get_the_initial_group_size_and_one_made_without_it_is_kept() {
         .queue
         .with_initial_group_size(std::num::NonZeroU32::new(1));
     let kept = Fixture::start(names, false).await;
-    for queue in kept.names.queue.queue_names() {
-        let args = support::queue_arguments(&queue).expect("declared");
+    for (queue, args) in arguments_of(&kept.names.queue) {
         assert!(
             !args.contains("x-quorum-initial-group-size"),
             "{queue} kept as it was: {args}"

@@ -540,18 +540,10 @@ async fn a_redrive_cut_off_by_a_lost_connection_loses_nothing_and_a_second_run_a
 
 /// Messages of `queue` delivered and not yet acknowledged, per the broker.
 fn unacknowledged(queue: &str) -> Option<u64> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "name", "messages_unacknowledged"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|line| {
-            let mut fields = line.split_whitespace();
-            (fields.next() == Some(queue))
-                .then(|| fields.next()?.parse().ok())
-                .flatten()
-        })
+    support::queue_info(queue, "messages_unacknowledged")?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// A policy on one queue, cleared on drop (also when the test fails).

@@ -530,13 +530,19 @@ where
     }
 }
 
-/// A queue's arguments as the broker reports them.
-pub fn queue_arguments(queue: &str) -> Option<String> {
+/// What the broker reports of `queue` for one `list_queues` info item
+/// (`arguments`, `messages_unacknowledged`, …).
+pub fn queue_info(queue: &str, item: &str) -> Option<String> {
     let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "name", "arguments"])
+        .args(["-q", "list_queues", "name", item])
         .output()
         .ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|line| line.strip_prefix(&format!("{queue}\t")).map(str::to_owned))
+}
+
+/// A queue's arguments as the broker reports them.
+pub fn queue_arguments(queue: &str) -> Option<String> {
+    queue_info(queue, "arguments")
 }

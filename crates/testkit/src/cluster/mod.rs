@@ -310,7 +310,6 @@ impl RabbitCluster {
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("plugins"))
-            .env("RABBITMQ_PID_FILE", dir.join("pid"))
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
             // Distribution on loopback only; schedulers that do not spin
             // (four nodes share two cores with the test).

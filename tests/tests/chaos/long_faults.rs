@@ -1,5 +1,5 @@
-//! Faults of production length: a database refusing connections for minutes, the
-//! broker stopped for a minute, a minute-long memory alarm, bad outbox rows, a
+//! Faults of production length (the database refusing connections for minutes
+//! is in `database_outage`): the broker stopped for a minute, a minute-long memory alarm, bad outbox rows, a
 //! handler stuck on a row lock, and a connection that dies while the topology is
 //! declared on reconnect. Each restores what it broke in a guard, also when the
 //! test fails.
@@ -17,101 +17,15 @@ use messaging::{
     Publisher, QueueSpec, RetryPolicy, Topology, spawn_consumer,
 };
 use serde_json::Value;
-use sqlx::AssertSqlSafe;
 
 use crate::{
     harness::{Chaos, SERIAL, admin, rabbitmqctl},
     scenarios::{BrokerBack, Watermark, pause, start_driving, watermark_now},
 };
 
-/// Lets connections into `database` again if a test fails while they are refused.
-struct Admit(String);
-
-impl Drop for Admit {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("psql")
-            .arg(testkit::database_url())
-            .arg("-c")
-            .arg(format!(
-                "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true",
-                self.0
-            ))
-            .output();
-    }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn inventory_database_refusing_connections_for_two_minutes_dead_letters_nothing() {
-    let _serial = SERIAL.lock().await;
-    let chaos = Chaos::start("db-outage-120s", vec![]).await;
-    let name = chaos.stack.databases[1].name.clone();
-    let admin = admin().await;
-    let (driver, _done) = start_driving(&chaos);
-    pause(1000).await;
-    let guard = Admit(name.clone());
-    sqlx::query(AssertSqlSafe(format!(
-        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"
-    )))
-    .execute(&admin)
-    .await
-    .expect("refuse connections");
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&name)
-        .execute(&admin)
-        .await
-        .expect("terminate backends");
-    let outage = Instant::now();
-    // Orders keep arriving during the outage; inventory pauses instead of
-    // spending their retries.
-    let placed = driver.await.expect("driver");
-    let inventory = chaos.stack.inventory();
-    let paused = "messaging_consumer_paused{queue=\"inventory.order-events\"}";
-    testkit::wait_until(
-        "inventory to pause its consumer",
-        Duration::from_secs(60),
-        || async { chaos.stack.metric(&inventory, paused).await == 1.0 },
-    )
-    .await;
-    // The fault lasts two minutes: this is its length, not a wait for a condition.
-    tokio::time::sleep_until((outage + Duration::from_secs(120)).into()).await;
-    assert_eq!(
-        chaos.stack.metric(&inventory, paused).await,
-        1.0,
-        "still paused at the end of the outage"
-    );
-    sqlx::query(AssertSqlSafe(format!(
-        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"
-    )))
-    .execute(&admin)
-    .await
-    .expect("admit connections");
-    drop(guard);
-    admin.close().await;
-    chaos.settle_and_check(&placed, 1, 0).await;
-    let pauses = chaos
-        .stack
-        .metric(
-            &inventory,
-            "messaging_consumer_pauses_total{queue=\"inventory.order-events\"}",
-        )
-        .await;
-    let dead = chaos
-        .stack
-        .metric(
-            &inventory,
-            "messaging_consumed_total{queue=\"inventory.order-events\",outcome=\"dead_lettered\"}",
-        )
-        .await;
-    crate::harness::report(&format!(
-        "chaos db-outage-120s: consumer pauses={pauses} dead_lettered={dead}"
-    ));
-    assert_eq!(dead, 0.0);
-    chaos.stop().await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_broker_stopped_for_a_minute_order_intake_stays_ready_and_everything_completes_after() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let chaos = Chaos::start("broker-stop-60s", vec![]).await;
     let _back = BrokerBack;
     rabbitmqctl(&["stop_app"]).await;
@@ -187,7 +101,7 @@ async fn the_broker_stopped_for_a_minute_order_intake_stays_ready_and_everything
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_minute_long_memory_alarm_holds_no_transaction_open_and_everything_completes_after() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let chaos = Chaos::start("memory-alarm-60s", vec![]).await;
     let restore = watermark_now().await;
     let names = chaos.database_names();
@@ -319,7 +233,7 @@ impl Drop for MaxMessageSize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_outbox_rows_are_parked_with_their_reason_while_the_rows_behind_them_flow() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     // The relay's channel is opened after this, so it gets the lower limit.
     let _size = MaxMessageSize;
     set_max_message_size("1048576");
@@ -411,7 +325,7 @@ async fn bad_outbox_rows_are_parked_with_their_reason_while_the_rows_behind_them
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_handler_blocked_by_a_row_lock_for_a_minute_is_retried_while_other_messages_flow() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let inventory =
         |key: &str, value: &str| ("inventory-service", key.to_owned(), value.to_owned());
     let chaos = Chaos::start(
@@ -512,7 +426,7 @@ async fn a_handler_blocked_by_a_row_lock_for_a_minute_is_retried_while_other_mes
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_that_dies_while_the_topology_is_declared_on_reconnect_is_rebuilt() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let chaos = Chaos::start("declare-stall", vec![]).await;
     let (driver, _done) = start_driving(&chaos);
     pause(1000).await;
@@ -591,7 +505,7 @@ async fn depth(vhost: &str, queue: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_goes_on_acking_during_an_alarm_while_its_retry_waits_to_be_published() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let vhost = e2e::Vhost::create();
     let restore = watermark_now().await;
     let exchange = testkit::unique("alarm.events");
@@ -700,7 +614,7 @@ async fn a_consumer_goes_on_acking_during_an_alarm_while_its_retry_waits_to_be_p
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_caught_by_an_alarm_in_the_middle_of_its_batches_publishes_everything_after() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let vhost = e2e::Vhost::create();
     let restore = watermark_now().await;
     let db = testkit::TestDb::create().await;

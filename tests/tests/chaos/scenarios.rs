@@ -54,7 +54,7 @@ pub(crate) async fn pause(ms: u64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn amqp_connections_severed_repeatedly_mid_stream() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let chaos = Chaos::start("amqp-cuts", vec![]).await;
     let (driver, done) = start_driving(&chaos);
     let mut faults = 0;
@@ -81,7 +81,7 @@ async fn amqp_connections_severed_repeatedly_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn services_killed_at_random_and_restarted() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let mut chaos = Chaos::start("sigkill", vec![]).await;
     let (driver, done) = start_driving(&chaos);
     let mut faults = 0;
@@ -116,7 +116,7 @@ impl Drop for BrokerBack {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_broker_application_stopped_and_started() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let chaos = Chaos::start("broker-restart", vec![]).await;
     let _back = BrokerBack;
     let (driver, done) = start_driving(&chaos);
@@ -136,7 +136,7 @@ async fn the_broker_application_stopped_and_started() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn database_connections_terminated_repeatedly() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let chaos = Chaos::start("postgres-terminate", vec![]).await;
     let names = chaos.database_names();
     let admin = crate::harness::admin().await;
@@ -189,7 +189,7 @@ pub(crate) async fn watermark_now() -> String {
 /// Runs the stream with `service` armed to abort at `point` on its 20th pass,
 /// restarts it (disarmed) when it dies, and proves the point fired.
 async fn crash_point(name: &'static str, service: &'static str, point: &'static str) {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let mut chaos = Chaos::start(
         name,
         vec![(service, "CRASH_POINT".into(), format!("{point}@20"))],
@@ -258,7 +258,7 @@ async fn a_crash_after_a_consumer_commit_before_its_ack() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_on_the_wire_lands_in_each_dlq_and_good_orders_flow() {
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let chaos = Chaos::start("poison", vec![]).await;
     let (driver, _done) = start_driving(&chaos);
     let conn = lapin::Connection::connect(&chaos.stack.vhost.amqp_url(), Default::default())

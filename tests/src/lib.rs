@@ -198,6 +198,10 @@ pub struct Options {
     pub env: Vec<(&'static str, String, String)>,
     /// Services that reach RabbitMQ through another port (a fault proxy).
     pub amqp_port: Vec<(&'static str, u16)>,
+    /// Bearer tokens from this issuer on every API (`AUTH_MODE=jwt`); `None`
+    /// runs the services with `AUTH_MODE=off`. With an issuer, the stack's
+    /// own client and `shopctl` carry an operator's token (`ops stock:write`).
+    pub auth: Option<std::sync::Arc<testkit::Issuer>>,
 }
 
 impl Default for Options {
@@ -207,6 +211,7 @@ impl Default for Options {
             held_back: Vec::new(),
             env: Vec::new(),
             amqp_port: Vec::new(),
+            auth: None,
         }
     }
 }
@@ -266,10 +271,7 @@ impl Stack {
             vhost,
             databases,
             processes: Vec::new(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("http client"),
+            http: client(options.auth.as_deref()),
             options,
         };
         for name in SERVICES {
@@ -278,6 +280,11 @@ impl Stack {
             }
         }
         stack
+    }
+
+    /// An operator's token (`ops stock:write`) when the stack checks tokens.
+    pub fn operator_token(&self) -> Option<String> {
+        self.options.auth.as_deref().map(operator_token)
     }
 
     /// The environment `name` runs with.
@@ -304,6 +311,10 @@ impl Stack {
             ("RETRY_DELAYS".to_owned(), "100ms,200ms,400ms".to_owned()),
             ("RETRY_MAX_ATTEMPTS".to_owned(), "4".to_owned()),
         ];
+        match &self.options.auth {
+            None => env.push(("AUTH_MODE".to_owned(), "off".to_owned())),
+            Some(issuer) => env.extend(issuer.env()),
+        }
         for (service, key, value) in &self.options.env {
             if *service == name {
                 env.retain(|(k, _)| k != key);
@@ -442,6 +453,9 @@ impl Stack {
             .env("INVENTORY_URL", url("inventory-service"))
             .env("NOTIFICATION_URL", url("notification-service"))
             .env("JAEGER_URL", "http://jaeger.test:16686");
+        if let Some(token) = self.operator_token() {
+            command.env("SHOP_TOKEN", token);
+        }
         for (key, value) in env {
             command.env(key, value);
         }
@@ -633,4 +647,26 @@ impl Stack {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
     }
+}
+
+/// An operator's token of `issuer`: every order, the histories, stock.
+fn operator_token(issuer: &testkit::Issuer) -> String {
+    issuer.token("e2e-operator", &["ops", "stock:write"])
+}
+
+/// The stack's HTTP client; with an issuer, it sends an operator's token.
+fn client(issuer: Option<&testkit::Issuer>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(issuer) = issuer {
+        let value = format!("Bearer {}", operator_token(issuer));
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&value).expect("a header value"),
+        );
+    }
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .default_headers(headers)
+        .build()
+        .expect("http client")
 }

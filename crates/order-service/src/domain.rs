@@ -15,9 +15,12 @@ pub const EMAIL_MAX: usize = 254;
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrder {
     /// Who orders: 1 to 100 characters, no control characters (surrounding
-    /// white space is trimmed).
+    /// white space is trimmed). With a customer's token it may be left out
+    /// (the token's subject is taken) and must otherwise be that subject;
+    /// without authentication or with an operator's token it is required.
+    #[serde(default)]
     #[schema(min_length = 1, max_length = 100)]
-    pub customer_id: String,
+    pub customer_id: Option<String>,
     /// Where notifications go, if anywhere: an email address of at most 254
     /// characters.
     #[serde(default)]
@@ -60,8 +63,15 @@ impl NewOrder {
         let mut errors = Vec::new();
         let mut fail = |field: String, message: String| errors.push(FieldError { field, message });
 
-        let customer_id = request.customer_id.trim().to_owned();
-        if customer_id.is_empty() {
+        let customer_id = request
+            .customer_id
+            .as_deref()
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned();
+        if request.customer_id.is_none() {
+            fail("customer_id".into(), "is required".into());
+        } else if customer_id.is_empty() {
             fail("customer_id".into(), "must not be empty".into());
         } else if customer_id.chars().count() > CUSTOMER_ID_MAX {
             fail(

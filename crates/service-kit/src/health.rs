@@ -28,6 +28,8 @@ pub struct Health {
     /// The messaging runtime: connections, consumers, DLQ depths, relay.
     pub messaging: RuntimeProbe,
     pub metrics: Arc<Metrics>,
+    /// Reported: whether tokens are checked, and with which keys.
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// Whether this replica may get traffic, and the state of each dependency.
@@ -83,6 +85,13 @@ impl Health {
             critical: false,
             detail: c.detail,
         }));
+        let (ok, detail) = self.auth.check();
+        checks.push(Check {
+            name: "auth".into(),
+            ok,
+            critical: false,
+            detail: Some(detail),
+        });
         checks
     }
 }

@@ -2,6 +2,7 @@
 //! its domain:
 //!
 //! ```text
+//!  auth       bearer tokens (JWT) → the Principal handlers authorize with
 //!  config     environment variables → typed values; errors name the variable
 //!  database   pool + embedded migrations; errors name host/db/user, never the password
 //!  problem    application/problem+json errors and extractors that explain bad input
@@ -11,6 +12,7 @@
 //!  shutdown   SIGTERM/SIGINT → one cancellation token
 //! ```
 
+pub mod auth;
 pub mod config;
 pub mod database;
 pub mod health;

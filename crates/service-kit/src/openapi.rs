@@ -50,9 +50,78 @@ pub fn document(name: &str, description: &str, mut api: OpenApi) -> OpenApi {
     api.info.contact = None;
     // Relative: the document is served by the service it describes.
     api.servers = Some(vec![Server::new("/")]);
-    // No authentication yet: said explicitly, for every operation.
+    // Operations that need a token say so themselves ([`require_bearer`]);
+    // the others need none.
     api.security = Some(Vec::new());
     api
+}
+
+/// The name of the bearer-token security scheme.
+pub const BEARER: &str = "bearer";
+
+/// Marks every operation of `api` as needing a bearer token (JWT): the
+/// security scheme, the requirement, and a 401 answer with its challenge.
+pub fn require_bearer(api: &mut OpenApi) {
+    use utoipa::openapi::{
+        ContentBuilder, HttpMethod, Ref, ResponseBuilder, Type,
+        header::HeaderBuilder,
+        schema::ObjectBuilder,
+        security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme},
+    };
+    let components = api.components.get_or_insert_with(Default::default);
+    components.security_schemes.insert(
+        BEARER.to_owned(),
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .description(Some(
+                    "A JWT (RS256 or ES256) from the issuer the service trusts (AUTH_ISSUER, \
+                     AUTH_AUDIENCE); `sub` is the customer, `scope` may hold `stock:write` and `ops`",
+                ))
+                .build(),
+        )
+        .into(),
+    );
+    let unauthorized = ResponseBuilder::new()
+        .description("No bearer token, or one that is not valid (expired, wrong issuer or audience, unknown key, bad signature)")
+        .content(
+            PROBLEM_JSON,
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build(),
+        )
+        .header(
+            "WWW-Authenticate",
+            HeaderBuilder::new()
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .description(Some("`Bearer realm=\"shop\"`, with `error=\"invalid_token\"` for a token that is not valid"))
+                .build(),
+        )
+        .build();
+    for item in api.paths.paths.values_mut() {
+        for method in [
+            HttpMethod::Get,
+            HttpMethod::Put,
+            HttpMethod::Post,
+            HttpMethod::Delete,
+            HttpMethod::Patch,
+        ] {
+            let operation = match method {
+                HttpMethod::Get => item.get.as_mut(),
+                HttpMethod::Put => item.put.as_mut(),
+                HttpMethod::Post => item.post.as_mut(),
+                HttpMethod::Delete => item.delete.as_mut(),
+                _ => item.patch.as_mut(),
+            };
+            let Some(operation) = operation else { continue };
+            operation.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+            operation
+                .responses
+                .responses
+                .insert("401".to_owned(), unauthorized.clone().into());
+        }
+    }
 }
 
 /// `GET /openapi.json`, documented: serves the document [`serve`] attaches.

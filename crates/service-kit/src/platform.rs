@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::{
+    auth::{self, Auth},
     config::{Common, ConfigError, LogFormat, ProcessEnv},
     database::{self, DatabaseError},
     health::Health,
@@ -60,6 +61,8 @@ pub enum StartupError {
     Serve(String),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error(transparent)]
+    Auth(#[from] auth::KeysError),
 }
 
 /// What a service declares about itself.
@@ -82,6 +85,8 @@ pub struct Platform {
     pub pool: PgPool,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
+    /// Bearer tokens on the service's own routes (`AUTH_*`).
+    auth: Arc<Auth>,
     common: Common,
     /// The queue this service consumes.
     queue: String,
@@ -96,6 +101,7 @@ impl Platform {
     /// [`Self::bind`].
     pub async fn start(spec: Spec, shutdown: CancellationToken) -> Result<Self, StartupError> {
         let common = spec.common;
+        let auth = Auth::start(common.auth.clone()).await?;
         let pool = database::connect_and_migrate(
             common.database_url.expose(),
             common.db_pool_size,
@@ -129,6 +135,7 @@ impl Platform {
             pool,
             shutdown,
             metrics: Metrics::new(),
+            auth,
             queue: topology::queue(spec.owner, common.retry.clone()).name,
             common,
             messaging,
@@ -206,7 +213,21 @@ impl Platform {
             pool: self.pool.clone(),
             messaging: runtime.probe(),
             metrics: self.metrics.clone(),
+            auth: self.auth.clone(),
         };
+        let mut tasks = self.tasks;
+        tasks.push(tokio::spawn(
+            self.auth.clone().refresh_until(self.shutdown.clone()),
+        ));
+        // The service's own routes need a token; the probes, /metrics and
+        // the document (merged after) do not.
+        let mut routes = routes.route_layer(middleware::from_fn_with_state(
+            self.auth.clone(),
+            auth::authenticate,
+        ));
+        if self.auth.is_on() {
+            openapi::require_bearer(routes.get_openapi_mut());
+        }
         let (routes, api) = routes
             .merge(health.router())
             .merge(openapi::router())
@@ -245,7 +266,7 @@ impl Platform {
         // The token may not have fired if the server failed on its own.
         self.shutdown.cancel();
         runtime.join().await;
-        for task in self.tasks {
+        for task in tasks {
             let _ = task.await;
         }
         // Waits for every connection to come back; one still being returned

@@ -25,6 +25,8 @@ pub struct Problem {
     pub status: StatusCode,
     pub detail: String,
     pub errors: Vec<FieldError>,
+    /// `WWW-Authenticate` of a 401 or 403 (RFC 6750).
+    pub challenge: Option<String>,
 }
 
 impl Problem {
@@ -33,7 +35,15 @@ impl Problem {
             status,
             detail: detail.into(),
             errors: Vec::new(),
+            challenge: None,
         }
+    }
+
+    /// With a `WWW-Authenticate` challenge.
+    #[must_use]
+    pub fn with_challenge(mut self, challenge: String) -> Self {
+        self.challenge = Some(challenge);
+        self
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
@@ -59,6 +69,7 @@ impl Problem {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             detail,
             errors,
+            challenge: None,
         }
     }
 
@@ -115,12 +126,21 @@ impl IntoResponse for Problem {
             errors: &self.errors,
         };
         let json = serde_json::to_vec(&body).unwrap_or_default();
-        (
+        let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             json,
         )
-            .into_response()
+            .into_response();
+        if let Some(challenge) = self
+            .challenge
+            .and_then(|c| axum::http::HeaderValue::from_str(&c).ok())
+        {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        response
     }
 }
 

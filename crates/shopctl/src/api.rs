@@ -9,29 +9,63 @@ use crate::Error;
 #[derive(Debug)]
 pub struct Api {
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer` (see `crate::token::for_calls`).
+    token: Option<String>,
 }
 
 impl Api {
-    pub fn new() -> Result<Self, Error> {
+    pub fn new(cli: &crate::Cli) -> Result<Self, Error> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Self { http })
+        let token = crate::token::for_calls(cli)?;
+        Ok(Self { http, token })
+    }
+
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, url);
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
     }
 
     /// The JSON at `url`; `None` when the service says it has no such resource.
     pub async fn get(&self, service: &'static str, url: &str) -> Result<Option<Value>, Error> {
-        let response = self
-            .http
-            .get(url)
-            .send()
+        self.send(service, url, self.request(reqwest::Method::GET, url))
             .await
-            .map_err(|e| Error::Unreachable {
+    }
+
+    /// PUTs `body` as JSON to `url`; the answer's JSON.
+    pub async fn put(
+        &self,
+        service: &'static str,
+        url: &str,
+        body: &Value,
+    ) -> Result<Value, Error> {
+        let request = self.request(reqwest::Method::PUT, url).json(body);
+        self.send(service, url, request)
+            .await?
+            .ok_or_else(|| Error::Http {
                 service,
                 url: url.to_owned(),
-                reason: reason(&e),
-            })?;
+                status: 404,
+                detail: "not found".to_owned(),
+            })
+    }
+
+    async fn send(
+        &self,
+        service: &'static str,
+        url: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Option<Value>, Error> {
+        let response = request.send().await.map_err(|e| Error::Unreachable {
+            service,
+            url: url.to_owned(),
+            reason: reason(&e),
+        })?;
         let status = response.status();
         // The services answer an unknown id with a problem document; a bare 404
         // is another server, or a path this version of the service lacks.
@@ -58,12 +92,21 @@ impl Api {
             detail: format!("not JSON: {e}"),
         })?;
         if !status.is_success() {
-            let detail = body
+            let mut detail = body
                 .get("detail")
                 .or_else(|| body.get("title"))
                 .and_then(Value::as_str)
                 .unwrap_or("no detail")
                 .to_owned();
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                || status == reqwest::StatusCode::FORBIDDEN
+            {
+                detail.push_str(if self.token.is_some() {
+                    " (SHOP_TOKEN must be an operator's token: scope ops, and stock:write to set stock)"
+                } else {
+                    " (set SHOP_TOKEN to an operator's token, e.g. from `shopctl token --sub you --scope ops`)"
+                });
+            }
             return Err(Error::Http {
                 service,
                 url: url.to_owned(),

@@ -47,6 +47,10 @@ pub struct Cli {
         default_value = "http://127.0.0.1:16686"
     )]
     pub jaeger_url: String,
+    /// Bearer token for the services' APIs: an operator's (scope `ops`;
+    /// `stock:write` for `stock set`). Or a file holding it in SHOP_TOKEN_FILE.
+    #[arg(long, env = "SHOP_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
     /// Print JSON for scripts instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -70,6 +74,46 @@ pub enum Command {
     /// Outbox rows the relay parked after repeated refusals by the broker.
     #[command(subcommand)]
     Outbox(Outbox),
+    /// Stock levels.
+    #[command(subcommand)]
+    Stock(Stock),
+    /// Mints a development token with a signing key (by default the DEMO key
+    /// of deploy/auth, which the compose stack and deploy/k8s trust).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Stock {
+    /// Sets the available units of SKUs (creating them): SKU=N ...
+    Set {
+        #[arg(required = true, value_name = "SKU=N", value_parser = stock_level)]
+        levels: Vec<(String, i64)>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The subject: a customer id (who may then see its own orders only), or
+    /// an operator's name.
+    #[arg(long)]
+    pub sub: String,
+    /// A scope to grant, repeatable: `stock:write` (set stock), `ops`
+    /// (every order, the histories, notifications, shopctl).
+    #[arg(long = "scope", value_name = "SCOPE")]
+    pub scopes: Vec<String>,
+    /// The PEM private key (RSA → RS256, P-256 → ES256).
+    #[arg(long, env = "AUTH_SIGNING_KEY_FILE", default_value = crate::token::DEMO_KEY)]
+    pub key: String,
+    /// The `kid` the services' JWKS knows the key by.
+    #[arg(long, env = "AUTH_KID", default_value = crate::token::DEMO_KID)]
+    pub kid: String,
+    #[arg(long, env = "AUTH_ISSUER", default_value = crate::token::DEMO_ISSUER)]
+    pub issuer: String,
+    #[arg(long, env = "AUTH_AUDIENCE", default_value = crate::token::DEMO_AUDIENCE)]
+    pub audience: String,
+    /// How long the token is valid, e.g. 15m, 1h.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +256,12 @@ pub const VARIABLES: &[&str] = &[
     "INVENTORY_URL",
     "NOTIFICATION_URL",
     "JAEGER_URL",
+    "SHOP_TOKEN",
+    "SHOP_TOKEN_FILE",
+    "AUTH_SIGNING_KEY_FILE",
+    "AUTH_KID",
+    "AUTH_ISSUER",
+    "AUTH_AUDIENCE",
 ];
 
 /// `value`, else the content of the file named by `{name}_FILE` (how the
@@ -238,6 +288,19 @@ pub struct RowWhich {
     pub all: bool,
     #[arg(long = "id", num_args = 1..)]
     pub ids: Vec<uuid::Uuid>,
+}
+
+/// `SKU=N`: a SKU and a number of units.
+fn stock_level(raw: &str) -> Result<(String, i64), String> {
+    let (sku, units) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("'{raw}' is not SKU=N"))?;
+    let units = units
+        .trim()
+        .parse::<i64>()
+        .map_err(|_| format!("'{units}' in '{raw}' is not a number of units"))?;
+    contracts::domain::Sku::parse(sku.trim())?;
+    Ok((sku.trim().to_owned(), units))
 }
 
 fn duration(raw: &str) -> Result<Duration, String> {

@@ -5,6 +5,8 @@
 //!  dlq      dead letters: list, show, redrive, purge (messaging::dead_letters)
 //!  orders   stuck orders; one order's timeline across the three services
 //!  outbox   parked outbox rows of a service database (messaging::parked)
+//!  stock    stock levels set through inventory-service
+//!  token    the bearer token of API calls; `token` mints a development one
 //!  api      the services' HTTP APIs, with errors naming the service
 //!  output   tables for people, JSON for scripts
 //! ```
@@ -18,6 +20,8 @@ mod dlq;
 mod orders;
 mod outbox;
 mod output;
+mod stock;
+mod token;
 
 use std::process::ExitCode;
 
@@ -98,5 +102,31 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         }
         cli::Command::Order { id } => orders::timeline(&cli, id).await,
         cli::Command::Outbox(command) => outbox::run(&cli, command).await,
+        cli::Command::Stock(cli::Stock::Set { levels }) => stock::set(&cli, levels).await,
+        cli::Command::Token(args) => {
+            let scopes: Vec<String> = args
+                .scopes
+                .iter()
+                .flat_map(|s| s.split_whitespace())
+                .map(str::to_owned)
+                .collect();
+            let (token, expires) = token::mint(
+                &args.key,
+                &token::Claims {
+                    subject: &args.sub,
+                    scopes: &scopes,
+                    issuer: &args.issuer,
+                    audience: &args.audience,
+                    kid: &args.kid,
+                    ttl: args.ttl,
+                },
+            )?;
+            if cli.json {
+                output::print_json(&serde_json::json!({"token": token, "expires_at": expires}));
+            } else {
+                println!("{token}");
+            }
+            Ok(())
+        }
     }
 }

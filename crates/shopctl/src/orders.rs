@@ -18,7 +18,7 @@ const INVENTORY: &str = "inventory-service";
 const NOTIFICATION: &str = "notification-service";
 
 pub async fn stuck(cli: &Cli, older_than: Duration, limit: usize) -> Result<(), Error> {
-    let api = Api::new()?;
+    let api = Api::new(cli)?;
     let before = chrono::Duration::from_std(older_than)
         .ok()
         .and_then(|d| Utc::now().checked_sub_signed(d))
@@ -86,7 +86,7 @@ pub async fn stuck(cli: &Cli, older_than: Duration, limit: usize) -> Result<(), 
 pub async fn timeline(cli: &Cli, raw_id: &str) -> Result<(), Error> {
     let id = uuid::Uuid::parse_str(raw_id)
         .map_err(|_| Error::Config(format!("'{raw_id}' is not an order id (a UUID)")))?;
-    let api = Api::new()?;
+    let api = Api::new(cli)?;
     let order_url = base(&cli.order_url);
     let order = api
         .get(ORDER, &format!("{order_url}/orders/{id}"))

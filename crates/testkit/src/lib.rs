@@ -2,17 +2,19 @@
 //! into a service): a TCP proxy that can sever, refuse, delay and stall
 //! connections, a TLS proxy in front of a plain server, scratch databases
 //! ([`TestDb`], dropped also when a test fails), a RabbitMQ cluster of a test's
-//! own ([`RabbitCluster`]), unique names so tests run in parallel, and waiting
+//! own ([`RabbitCluster`]), a token issuer of a test's own ([`Issuer`]), unique names so tests run in parallel, and waiting
 //! for a condition with a deadline.
 
 mod cluster;
 mod database;
+pub mod issuer;
 mod proxy;
 
 use std::{future::Future, time::Duration};
 
 pub use cluster::RabbitCluster;
 pub use database::{TestDb, database_url, url_for};
+pub use issuer::Issuer;
 pub use proxy::{TcpProxy, TlsProxy};
 
 /// The broker tests use; override with `AMQP_URL`.

@@ -215,6 +215,10 @@ const EXAMPLES: [(&str, &str); 3] = [
 /// At least this many generated test cases (requests) per service.
 const CASES_PER_SERVICE: u64 = 1000;
 
+/// Test cases per operation of the run without a token: every API operation
+/// answers 401 before it looks at its input, so a few show it.
+const EXAMPLES_WITHOUT_TOKEN: &str = "10";
+
 /// The checks: no 5xx; status codes, content types, headers and bodies as
 /// documented; input the document forbids is refused; and the rest of what
 /// schemathesis checks except `positive_data_acceptance`, which would demand
@@ -223,27 +227,55 @@ const CASES_PER_SERVICE: u64 = 1000;
 /// SKU twice in one order, a cursor that was never handed out).
 const EXCLUDED_CHECKS: &str = "positive_data_acceptance";
 
+/// The services check bearer tokens: each is fuzzed with an operator's token
+/// (which may do everything; schemathesis' `ignored_auth` check then also
+/// sends requests without it and demands a 401), and again without any.
 #[tokio::test(flavor = "multi_thread")]
 async fn schemathesis_finds_nothing_in_any_service() {
     let schemathesis = schemathesis();
     let seed = std::env::var("SCHEMATHESIS_SEED").unwrap_or_else(|_| "20261205".into());
-    let stack = Stack::start().await;
+    let issuer = std::sync::Arc::new(testkit::Issuer::new());
+    let stack = Stack::start_with(e2e::Options {
+        auth: Some(issuer),
+        ..e2e::Options::default()
+    })
+    .await;
+    let authorization = format!(
+        "Authorization: Bearer {}",
+        stack.operator_token().expect("an operator token")
+    );
     // Some stock, so generated orders are sometimes confirmed, not only rejected.
     for sku in ["0", "A", "B-1"] {
         stack.set_stock(sku, 1_000_000).await;
     }
     let workdir = TempDir::new();
-    for (service, examples) in EXAMPLES {
+    let runs = EXAMPLES
+        .iter()
+        .map(|(service, examples)| (*service, *examples, Some(authorization.clone())))
+        .chain(
+            EXAMPLES
+                .iter()
+                .map(|(service, _)| (*service, EXAMPLES_WITHOUT_TOKEN, None)),
+        );
+    for (service, examples, header) in runs {
         let url = stack.url(service);
+        let with = if header.is_some() {
+            "an operator's token"
+        } else {
+            "no token"
+        };
         let output = tokio::task::spawn_blocking({
             let schemathesis = schemathesis.clone();
             let seed = seed.clone();
             let dir = workdir.0.clone();
             move || {
-                Command::new(&schemathesis)
-                    .current_dir(dir)
+                let mut command = Command::new(&schemathesis);
+                command.current_dir(dir).arg("run");
+                if let Some(header) = header {
+                    command.args(["--header", &header]);
+                }
+                command
                     .args([
-                        "run",
                         &format!("{url}/openapi.json"),
                         "--checks",
                         "all",
@@ -268,15 +300,22 @@ async fn schemathesis_finds_nothing_in_any_service() {
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success(),
-            "schemathesis found problems in {service} (seed {seed}):\n{stdout}\n{}",
+            "schemathesis found problems in {service} with {with} (seed {seed}):\n{stdout}\n{}",
             String::from_utf8_lossy(&output.stderr)
         );
         let cases = generated(&stdout)
             .unwrap_or_else(|| panic!("no test case count in the output:\n{stdout}"));
-        println!("schemathesis {service}: {cases} generated requests, no finding (seed {seed})");
+        println!(
+            "schemathesis {service} with {with}: {cases} generated requests, no finding (seed {seed})"
+        );
+        let least = if examples == EXAMPLES_WITHOUT_TOKEN {
+            10
+        } else {
+            CASES_PER_SERVICE
+        };
         assert!(
-            cases >= CASES_PER_SERVICE,
-            "{service}: only {cases} test cases generated:\n{stdout}"
+            cases >= least,
+            "{service} with {with}: only {cases} test cases generated:\n{stdout}"
         );
     }
     stack.stop().await;

@@ -46,12 +46,21 @@ fn check_environment(service: &str, names: &BTreeSet<String>, origin: &str) {
     for (plain, file) in [
         ("DATABASE_URL", "DATABASE_URL_FILE"),
         ("AMQP_URL", "AMQP_URL_FILE"),
+        // Deployed with bearer tokens (AUTH_MODE=jwt, the default).
+        ("AUTH_JWKS_URL", "AUTH_JWKS_FILE"),
     ] {
         assert!(
             names.contains(plain) || names.contains(file),
             "{origin}: {service} needs {plain} or {file}"
         );
     }
+    for name in ["AUTH_ISSUER", "AUTH_AUDIENCE"] {
+        assert!(names.contains(name), "{origin}: {service} needs {name}");
+    }
+    assert!(
+        !names.contains("AUTH_MODE"),
+        "{origin}: {service} runs with tokens, the default (no AUTH_MODE)"
+    );
 }
 
 // --- docker-compose.yml ------------------------------------------------------
@@ -1143,5 +1152,95 @@ async fn under_the_kubernetes_users_the_services_start_in_any_order_on_an_empty_
     // Two orders at a time, each on a vhost and databases of its own.
     for pair in start_orders().chunks(2) {
         futures_util::future::join_all(pair.iter().map(|order| start_in_order(*order))).await;
+    }
+}
+
+// --- bearer tokens -------------------------------------------------------------
+
+/// Compose and Kubernetes run with tokens of the demo issuer (deploy/auth): its
+/// issuer and audience, its JWKS mounted where AUTH_JWKS_FILE points, the k8s
+/// copy of the JWKS equal to the original, and shopctl given the signing key.
+#[test]
+fn both_deployments_check_tokens_of_the_demo_issuer() {
+    use testkit::issuer::{DEMO_AUDIENCE, DEMO_ISSUER, DEMO_JWKS};
+    assert_eq!(
+        read("deploy/k8s/auth/demo-jwks.json"),
+        DEMO_JWKS,
+        "deploy/k8s/auth/demo-jwks.json is a copy of deploy/auth/demo-jwks.json"
+    );
+    let compose = compose();
+    for service in e2e::SERVICES {
+        let definition = &compose.services[service];
+        let env = |name: &str| {
+            definition.environment[name]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(env("AUTH_ISSUER"), DEMO_ISSUER, "{service}");
+        assert_eq!(env("AUTH_AUDIENCE"), DEMO_AUDIENCE, "{service}");
+        let secret = env("AUTH_JWKS_FILE").replace("/run/secrets/", "");
+        assert_eq!(
+            compose.secrets[&secret].file, "./deploy/auth/demo-jwks.json",
+            "{service}"
+        );
+    }
+    for tool in ["shopctl", "seed"] {
+        let definition = &compose.services[tool];
+        let key = definition.environment["AUTH_SIGNING_KEY_FILE"]
+            .as_str()
+            .expect("AUTH_SIGNING_KEY_FILE")
+            .replace("/run/secrets/", "");
+        assert!(definition.secrets.contains(&key), "{tool} mounts {key}");
+        assert_eq!(
+            compose.secrets[&key].file,
+            "./deploy/auth/demo-signing-key.pem"
+        );
+    }
+
+    let (kustomization, documents) = manifests();
+    let literals: Vec<&str> = kustomization
+        .config_maps
+        .iter()
+        .flat_map(|g| g.literals.iter().map(String::as_str))
+        .collect();
+    assert!(literals.contains(&format!("AUTH_ISSUER={DEMO_ISSUER}").as_str()));
+    assert!(literals.contains(&format!("AUTH_AUDIENCE={DEMO_AUDIENCE}").as_str()));
+    let keys = kustomization
+        .config_maps
+        .iter()
+        .find(|g| g.files.iter().any(|f| f.ends_with("auth/demo-jwks.json")))
+        .expect("a configMap of the JWKS");
+    let file_name = keys.files[0].split_once('=').map_or("", |(k, _)| k);
+    for (file, document) in &documents {
+        if document["kind"].as_str() != Some("Deployment") {
+            continue;
+        }
+        let spec = &document["spec"]["template"]["spec"];
+        let container = &spec["containers"][0];
+        let jwks_file = container["env"]
+            .as_sequence()
+            .and_then(|env| {
+                env.iter()
+                    .find(|e| e["name"].as_str() == Some("AUTH_JWKS_FILE"))
+            })
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("{file}: no AUTH_JWKS_FILE"));
+        let (dir, name) = jwks_file.rsplit_once('/').expect("a path");
+        assert_eq!(name, file_name, "{file}");
+        let volume = container["volumeMounts"]
+            .as_sequence()
+            .and_then(|m| m.iter().find(|m| m["mountPath"].as_str() == Some(dir)))
+            .and_then(|m| m["name"].as_str())
+            .unwrap_or_else(|| panic!("{file}: nothing mounted at {dir}"));
+        let source = spec["volumes"]
+            .as_sequence()
+            .and_then(|v| v.iter().find(|v| v["name"].as_str() == Some(volume)))
+            .unwrap_or_else(|| panic!("{file}: no volume {volume}"));
+        assert_eq!(
+            source["configMap"]["name"].as_str(),
+            Some(keys.name.as_str()),
+            "{file}"
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 mod admission;
 mod api;
+mod auth;
 mod contract;
 mod deploy;
 mod history;

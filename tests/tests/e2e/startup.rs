@@ -2,7 +2,15 @@ use std::process::Command;
 
 use e2e::{Vhost, binary};
 
+/// Runs `name` with `env` and `AUTH_MODE=off`.
 fn run(name: &str, env: &[(&str, String)]) -> (i32, String) {
+    let mut env = env.to_vec();
+    env.insert(0, ("AUTH_MODE", "off".to_owned()));
+    run_bare(name, &env)
+}
+
+/// Runs `name` with `env` only (and a free port).
+fn run_bare(name: &str, env: &[(&str, String)]) -> (i32, String) {
     let output = Command::new(binary(name))
         .env_clear()
         .env("HTTP_ADDR", "127.0.0.1:0")
@@ -92,4 +100,71 @@ fn an_invalid_variable_is_named() {
             .starts_with("notification-service: NOTIFY_WEBHOOK_URL is invalid"),
         "{stderr}"
     );
+}
+
+/// Secure by default: no `AUTH_MODE` means bearer tokens, and without keys,
+/// issuer and audience a service does not start.
+#[test]
+fn a_service_without_auth_mode_or_keys_exits_non_zero_with_one_line_naming_the_variables() {
+    for name in e2e::SERVICES {
+        let (code, stderr) = run_bare(
+            name,
+            &[
+                ("AMQP_URL", testkit::amqp_url()),
+                ("DATABASE_URL", testkit::database_url()),
+            ],
+        );
+        assert_ne!(code, 0, "{name}");
+        let lines: Vec<&str> = stderr.trim().lines().collect();
+        assert_eq!(lines.len(), 1, "{name}: {stderr}");
+        for variable in [
+            "AUTH_JWKS_URL",
+            "AUTH_JWKS_FILE",
+            "AUTH_ISSUER",
+            "AUTH_AUDIENCE",
+            "AUTH_MODE=off",
+        ] {
+            assert!(
+                lines[0].contains(variable),
+                "{name}: {variable} in {stderr}"
+            );
+        }
+        assert!(lines[0].starts_with(&format!("{name}: ")), "{stderr}");
+    }
+}
+
+/// A key file that cannot be used is a configuration error, named at startup.
+#[test]
+fn an_unusable_key_file_is_named_at_startup() {
+    let dir = std::env::temp_dir().join(testkit::unique("jwks"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let symmetric = dir.join("symmetric.json");
+    std::fs::write(
+        &symmetric,
+        r#"{"keys":[{"kty":"oct","kid":"k","k":"c2VjcmV0"}]}"#,
+    )
+    .expect("write");
+    for (file, expected) in [
+        (dir.join("missing.json"), "cannot read"),
+        (symmetric, "symmetric keys are never accepted"),
+    ] {
+        let (code, stderr) = run_bare(
+            "order-service",
+            &[
+                ("AMQP_URL", testkit::amqp_url()),
+                ("DATABASE_URL", testkit::database_url()),
+                ("AUTH_JWKS_FILE", file.display().to_string()),
+                ("AUTH_ISSUER", "shop-demo".into()),
+                ("AUTH_AUDIENCE", "shop".into()),
+            ],
+        );
+        assert_ne!(code, 0);
+        let line = stderr.trim();
+        assert!(
+            line.starts_with("order-service: AUTH_JWKS_FILE: ") && line.contains(expected),
+            "{line}"
+        );
+        assert_eq!(line.lines().count(), 1, "{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

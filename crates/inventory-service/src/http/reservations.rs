@@ -8,6 +8,7 @@ use axum::{
 };
 use serde::Serialize;
 use service_kit::{
+    auth::{OPS, Principal},
     history,
     openapi::ProblemDetails,
     problem::{self, ApiPath, Problem},
@@ -39,14 +40,17 @@ struct ReservationHistory {
     responses(
         (status = 200, description = "The reservation and its history", body = ReservationHistory),
         (status = 400, description = "Not a UUID", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope ops", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 404, description = "Inventory has no reservation for the order", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
     )
 )]
 async fn read(
     State(state): State<AppState>,
+    principal: Principal,
     ApiPath(raw): ApiPath<String>,
 ) -> Result<Response, Problem> {
+    principal.require(OPS)?;
     let order_id = problem::path_uuid("order id", &raw)?;
     tracing::Span::current().record("shop.order_id", order_id.to_string());
     let Some(reservation) = store::reservation(&state.pool, order_id).await? else {

@@ -8,6 +8,7 @@ use axum::{
 use contracts::domain::Sku;
 use serde::{Deserialize, Serialize};
 use service_kit::{
+    auth::{Principal, STOCK_WRITE},
     openapi::ProblemDetails,
     problem::{ApiJson, ApiPath, ApiQuery, Problem},
 };
@@ -82,6 +83,7 @@ struct SetStock {
     responses(
         (status = 200, description = "Its stock now", body = store::StockView),
         (status = 400, description = "Not a valid SKU, or malformed JSON", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope stock:write", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 413, description = "Body over 64 KiB", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 422, description = "`available` missing, of the wrong type or out of range", body = ProblemDetails, content_type = "application/problem+json"),
@@ -90,9 +92,11 @@ struct SetStock {
 )]
 async fn set(
     State(state): State<AppState>,
+    principal: Principal,
     ApiPath(raw): ApiPath<String>,
     ApiJson(body): ApiJson<SetStock>,
 ) -> Result<Response, Problem> {
+    principal.require(STOCK_WRITE)?;
     let sku = sku(&raw)?;
     if !(0..=AVAILABLE_MAX).contains(&body.available) {
         return Err(Problem::field(

@@ -8,6 +8,7 @@ use axum::{
 use chrono::DateTime;
 use serde::{Deserialize, Serialize};
 use service_kit::{
+    auth::{OPS, Principal},
     openapi::ProblemDetails,
     problem::{ApiQuery, Problem},
 };
@@ -56,14 +57,17 @@ struct NotificationPage {
     responses(
         (status = 200, description = "One page", body = NotificationPage),
         (status = 400, description = "order_id missing or not a UUID, or an invalid or unknown parameter", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope ops", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
     )
 )]
 
 async fn list(
     State(state): State<AppState>,
+    principal: Principal,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Response, Problem> {
+    principal.require(OPS)?;
     let raw = query
         .order_id
         .ok_or_else(|| Problem::bad_request("order_id is required"))?;

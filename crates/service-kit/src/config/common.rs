@@ -36,6 +36,8 @@ pub struct Common {
     /// Nodes holding each queue's replicas when the queue is created
     /// (`AMQP_QUORUM_INITIAL_GROUP_SIZE`); `None` leaves it to RabbitMQ.
     pub quorum_group_size: Option<std::num::NonZeroU32>,
+    /// Bearer tokens on the API (`AUTH_*`), or none (`AUTH_MODE=off`).
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// The variables [`Common::from_env`] reads.
@@ -57,6 +59,11 @@ pub const COMMON_VARIABLES: &[&str] = &[
     "CONSUMER_CONCURRENCY",
     "CONSUMER_BATCH",
     "DATABASE_POOL_SIZE",
+    "AUTH_MODE",
+    "AUTH_JWKS_URL",
+    "AUTH_JWKS_FILE",
+    "AUTH_ISSUER",
+    "AUTH_AUDIENCE",
 ];
 
 impl Common {
@@ -122,6 +129,7 @@ impl Common {
             handler_timeout: duration(env, "HANDLER_TIMEOUT", Duration::from_secs(30))?,
             outbox_park_after,
             quorum_group_size,
+            auth: crate::auth::AuthConfig::from_env(env)?,
         })
     }
 }

@@ -25,6 +25,9 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("{name} is invalid: {reason}")]
     Invalid { name: &'static str, reason: String },
+    /// Several variables that only work together; the text names each.
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 #[cfg(test)]

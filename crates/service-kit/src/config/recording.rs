@@ -15,6 +15,11 @@ impl Env for RecordingEnv {
         match name {
             "DATABASE_URL" => Some("postgres://postgres@127.0.0.1/db".into()),
             "AMQP_URL" => Some("amqp://guest:guest@127.0.0.1/%2f".into()),
+            // Tokens (the default) need keys, an issuer and an audience; each
+            // is read whether or not the others are set.
+            "AUTH_JWKS_FILE" => Some("/keys/jwks.json".into()),
+            "AUTH_ISSUER" => Some("issuer".into()),
+            "AUTH_AUDIENCE" => Some("audience".into()),
             _ => None,
         }
     }

@@ -76,6 +76,7 @@ fn debug_output_of_the_config_never_shows_a_password() {
         &env(&[
             ("DATABASE_URL", "postgres://shop:db-s3cret@db/orders"),
             ("AMQP_URL", "amqp://shop:mq-s3cret@mq/shop"),
+            ("AUTH_MODE", "off"),
         ]),
         "order-service",
         "0.0.0.0:8080",
@@ -147,6 +148,7 @@ fn the_quorum_group_size_is_a_number_of_nodes_or_left_to_rabbitmq() {
     let base = [
         ("DATABASE_URL", "postgres://localhost/x"),
         ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        ("AUTH_MODE", "off"),
     ];
     let read = |size: Option<&str>| {
         let mut pairs = base.to_vec();

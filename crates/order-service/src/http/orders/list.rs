@@ -9,6 +9,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use service_kit::{
+    auth::Principal,
     openapi::ProblemDetails,
     problem::{ApiQuery, Problem},
 };
@@ -32,7 +33,8 @@ struct OrderPage {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
-    /// Only this customer's orders.
+    /// Only this customer's orders. A customer's token sees its own orders
+    /// only: this may be left out or be the token's subject.
     customer_id: Option<String>,
     /// Only orders in this state (empty: any).
     #[param(pattern = r"^(pending|confirmed|rejected|cancelled)?$")]
@@ -63,13 +65,28 @@ const LIMIT_MAX: i64 = 100;
     responses(
         (status = 200, description = "One page", body = OrderPage),
         (status = 400, description = "An invalid or unknown parameter", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "A customer's token asking for another customer's orders", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
     )
 )]
 pub(super) async fn list(
     State(state): State<AppState>,
+    principal: Principal,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Response, Problem> {
+    let mut customer_id = query.customer_id.filter(|c| !c.is_empty());
+    if let Some(me) = principal.customer() {
+        match customer_id.as_deref() {
+            None => customer_id = Some(me.to_owned()),
+            Some(asked) if asked == me => {}
+            Some(_) => {
+                // Answered like a customer without orders would not be: not
+                // at all, so nothing about the other customer shows.
+                principal.denied("another customer's orders");
+                return Err(Problem::not_found("no such customer"));
+            }
+        }
+    }
     let status = match query.status.as_deref() {
         None | Some("") => None,
         Some(raw) => Some(Status::parse(raw).ok_or_else(|| {
@@ -95,7 +112,7 @@ pub(super) async fn list(
         .map(parse_cursor)
         .transpose()?;
     let filter = Filter {
-        customer_id: query.customer_id.filter(|c| !c.is_empty()),
+        customer_id,
         status,
         created_before,
         limit,

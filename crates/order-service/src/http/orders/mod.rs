@@ -21,6 +21,7 @@ use axum::{
 };
 use serde::Serialize;
 use service_kit::{
+    auth::{OPS, Principal},
     history,
     openapi::ProblemDetails,
     problem::{self, ApiPath, Problem},
@@ -49,6 +50,29 @@ struct OrderStatus {
     status: Status,
 }
 
+/// The order as `principal` may see it: another customer's order is answered
+/// like one that does not exist (404), so its existence is not revealed.
+fn visible(
+    principal: &Principal,
+    id: Uuid,
+    order: Option<store::OrderView>,
+) -> Result<store::OrderView, Problem> {
+    match order {
+        Some(order)
+            if principal
+                .customer()
+                .is_none_or(|me| me == order.customer_id) =>
+        {
+            Ok(order)
+        }
+        Some(_) => {
+            principal.denied("another customer's order");
+            Err(Problem::not_found(format!("no order {id}")))
+        }
+        None => Err(Problem::not_found(format!("no order {id}"))),
+    }
+}
+
 fn order_id(raw: &str) -> Result<Uuid, Problem> {
     let id = problem::path_uuid("order id", raw)?;
     tracing::Span::current().record("shop.order_id", id.to_string());
@@ -71,13 +95,12 @@ fn order_id(raw: &str) -> Result<Uuid, Problem> {
 )]
 async fn read(
     State(state): State<AppState>,
+    principal: Principal,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, Problem> {
     let id = order_id(&id)?;
-    match store::get(&state.pool, id).await? {
-        Some(order) => Ok(Json(order).into_response()),
-        None => Err(Problem::not_found(format!("no order {id}"))),
-    }
+    let order = visible(&principal, id, store::get(&state.pool, id).await?)?;
+    Ok(Json(order).into_response())
 }
 
 /// What order-service emitted and applied for one order.
@@ -102,14 +125,17 @@ struct OrderHistory<'a> {
     responses(
         (status = 200, description = "The order's history, in the order it was written", body = OrderHistory),
         (status = 400, description = "Not a UUID", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope ops", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 404, description = "No such order", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 503, description = "The database is unavailable", body = ProblemDetails, content_type = "application/problem+json"),
     )
 )]
 async fn events(
     State(state): State<AppState>,
+    principal: Principal,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, Problem> {
+    principal.require(OPS)?;
     let id = order_id(&id)?;
     if !store::exists(&state.pool, id).await? {
         return Err(Problem::not_found(format!("no order {id}")));
@@ -140,9 +166,15 @@ async fn events(
 )]
 async fn cancel(
     State(state): State<AppState>,
+    principal: Principal,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, Problem> {
     let id = order_id(&id)?;
+    if principal.customer().is_some() {
+        // A customer cancels its own orders only; an order's customer never
+        // changes, so checking before the cancel is enough.
+        visible(&principal, id, store::get(&state.pool, id).await?)?;
+    }
     match store::cancel(&state.pool, id).await? {
         Cancel::Cancelled | Cancel::AlreadyCancelled => Ok(Json(OrderStatus {
             id,

@@ -8,6 +8,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use service_kit::{
+    auth::Principal,
     openapi::ProblemDetails,
     problem::{ApiJson, Problem},
 };
@@ -40,6 +41,26 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     Ok(Some(key.to_owned()))
 }
 
+/// A customer orders for itself: its token's subject is the order's customer
+/// (filled in when the body leaves it out); another customer is a 403.
+fn on_own_behalf(principal: &Principal, body: &mut PlaceOrder) -> Result<(), Problem> {
+    let Some(me) = principal.customer() else {
+        return Ok(());
+    };
+    match body.customer_id.as_deref().map(str::trim) {
+        None => body.customer_id = Some(me.to_owned()),
+        Some(customer) if customer == me => {}
+        Some(_) => {
+            principal.denied("placing an order for another customer");
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "a customer places orders for itself only: customer_id must be the token's subject or left out",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Places an order: 202 with its id once it is stored with its `OrderPlaced`
 /// event; the saga runs after the answer (follow `Location`).
 #[utoipa::path(
@@ -57,6 +78,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
          headers(("Location" = String, description = "The order's URL"),
                  ("Idempotent-Replayed" = String, description = "`true` on a replay of an earlier answer"))),
         (status = 400, description = "Malformed JSON or Idempotency-Key", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 403, description = "A customer's token placing an order for another customer", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 409, description = "A request with this Idempotency-Key is still being processed", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 413, description = "Body over 64 KiB", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = ProblemDetails, content_type = "application/problem+json"),
@@ -68,10 +90,12 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 )]
 pub(super) async fn place(
     State(state): State<AppState>,
+    principal: Principal,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<PlaceOrder>,
+    ApiJson(mut body): ApiJson<PlaceOrder>,
 ) -> Result<Response, Problem> {
     let key = idempotency_key(&headers)?;
+    on_own_behalf(&principal, &mut body)?;
     let order = NewOrder::parse(body).map_err(Problem::invalid)?;
     if let Err(shed) = state.admission.admit() {
         let mut reply = Problem::new(

@@ -1,0 +1,185 @@
+//! `AUTH_*`: whether requests need a bearer token, and how tokens are checked.
+
+use std::path::PathBuf;
+
+use crate::config::{ConfigError, Env, optional};
+
+/// The variables [`AuthConfig::from_env`] reads.
+pub const VARIABLES: &[&str] = &[
+    "AUTH_MODE",
+    "AUTH_JWKS_URL",
+    "AUTH_JWKS_FILE",
+    "AUTH_ISSUER",
+    "AUTH_AUDIENCE",
+];
+
+/// How requests to the API are authenticated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthConfig {
+    /// `AUTH_MODE=off`: no token needed, every request may do anything. Set
+    /// explicitly only (development, tests, benchmarks).
+    Off,
+    /// `AUTH_MODE=jwt` (the default): a valid bearer token on every API request.
+    Jwt(JwtConfig),
+}
+
+/// What a token must satisfy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JwtConfig {
+    /// Where the issuer's public keys (a JWKS) are read from.
+    pub keys: KeySource,
+    /// The `iss` every token must carry (`AUTH_ISSUER`).
+    pub issuer: String,
+    /// The `aud` every token must carry (`AUTH_AUDIENCE`).
+    pub audience: String,
+}
+
+/// Where the JWKS comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// `AUTH_JWKS_URL`: fetched at startup and refreshed.
+    Url(String),
+    /// `AUTH_JWKS_FILE`: read at startup and again when it may have changed.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Url(url) => write!(f, "{url}"),
+            Self::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl AuthConfig {
+    pub fn from_env(env: &impl Env) -> Result<Self, ConfigError> {
+        match optional(env, "AUTH_MODE").as_deref() {
+            Some("off") => Ok(Self::Off),
+            None | Some("jwt") => jwt(env).map(Self::Jwt),
+            Some(other) => Err(ConfigError::Invalid {
+                name: "AUTH_MODE",
+                reason: format!("'{other}' (jwt, the default, or off)"),
+            }),
+        }
+    }
+}
+
+fn jwt(env: &impl Env) -> Result<JwtConfig, ConfigError> {
+    let url = optional(env, "AUTH_JWKS_URL");
+    let file = optional(env, "AUTH_JWKS_FILE");
+    let issuer = optional(env, "AUTH_ISSUER");
+    let audience = optional(env, "AUTH_AUDIENCE");
+    let mut missing = Vec::new();
+    if url.is_none() && file.is_none() {
+        missing.push("AUTH_JWKS_URL or AUTH_JWKS_FILE");
+    }
+    if issuer.is_none() {
+        missing.push("AUTH_ISSUER");
+    }
+    if audience.is_none() {
+        missing.push("AUTH_AUDIENCE");
+    }
+    if !missing.is_empty() {
+        return Err(ConfigError::Incomplete(format!(
+            "bearer tokens (AUTH_MODE=jwt, the default) need {} set; \
+             or set AUTH_MODE=off to serve without authentication",
+            missing.join(", ")
+        )));
+    }
+    let keys = match (url, file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid {
+                name: "AUTH_JWKS_URL",
+                reason: "set together with AUTH_JWKS_FILE (set one of them)".into(),
+            });
+        }
+        (Some(url), None) => {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(ConfigError::Invalid {
+                    name: "AUTH_JWKS_URL",
+                    reason: format!("'{url}' is not an http(s) URL"),
+                });
+            }
+            KeySource::Url(url)
+        }
+        (None, Some(file)) => KeySource::File(PathBuf::from(file)),
+        (None, None) => unreachable!("checked above"),
+    };
+    Ok(JwtConfig {
+        keys,
+        issuer: issuer.unwrap_or_default(),
+        audience: audience.unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn unset_means_jwt_and_names_every_missing_variable() {
+        let error = AuthConfig::from_env(&env(&[])).unwrap_err().to_string();
+        for name in [
+            "AUTH_JWKS_URL or AUTH_JWKS_FILE",
+            "AUTH_ISSUER",
+            "AUTH_AUDIENCE",
+            "AUTH_MODE=off",
+        ] {
+            assert!(error.contains(name), "{error}");
+        }
+        assert!(!error.contains('\n'), "one line: {error}");
+    }
+
+    #[test]
+    fn off_must_be_said() {
+        assert_eq!(
+            AuthConfig::from_env(&env(&[("AUTH_MODE", "off")])).unwrap(),
+            AuthConfig::Off
+        );
+        let error = AuthConfig::from_env(&env(&[("AUTH_MODE", "none")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("AUTH_MODE"), "{error}");
+    }
+
+    #[test]
+    fn a_complete_jwt_configuration() {
+        let config = AuthConfig::from_env(&env(&[
+            ("AUTH_JWKS_FILE", "/keys.json"),
+            ("AUTH_ISSUER", "https://id.example"),
+            ("AUTH_AUDIENCE", "shop"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config,
+            AuthConfig::Jwt(JwtConfig {
+                keys: KeySource::File("/keys.json".into()),
+                issuer: "https://id.example".into(),
+                audience: "shop".into(),
+            })
+        );
+        let both = AuthConfig::from_env(&env(&[
+            ("AUTH_JWKS_FILE", "/keys.json"),
+            ("AUTH_JWKS_URL", "https://id.example/jwks"),
+            ("AUTH_ISSUER", "i"),
+            ("AUTH_AUDIENCE", "a"),
+        ]));
+        assert!(both.is_err());
+        let not_a_url = AuthConfig::from_env(&env(&[
+            ("AUTH_JWKS_URL", "id.example/jwks"),
+            ("AUTH_ISSUER", "i"),
+            ("AUTH_AUDIENCE", "a"),
+        ]));
+        assert!(not_a_url.unwrap_err().to_string().contains("AUTH_JWKS_URL"));
+    }
+}

@@ -1,7 +1,8 @@
 //! The probes and `/metrics`, shared by all services.
 //!
 //! - `/readyz` (readiness: may this replica get traffic?) is 200 exactly when the
-//!   service's database answers: then it can take and serve requests. The broker,
+//!   service's database answers and, with bearer tokens, it has the issuer's
+//!   keys: then it can take and serve requests. The broker,
 //!   the consumers (subscribed, paused) and the relay (backlog, oldest age, parked
 //!   rows) are reported in the body but never make a replica unready: while the
 //!   broker is away the outbox keeps taking orders, and taking every replica out
@@ -85,11 +86,13 @@ impl Health {
             critical: false,
             detail: c.detail,
         }));
+        // Without any key (the issuer has not answered since startup) every
+        // API request is refused: not ready. Otherwise reported only.
         let (ok, detail) = self.auth.check();
         checks.push(Check {
             name: "auth".into(),
             ok,
-            critical: false,
+            critical: !ok,
             detail: Some(detail),
         });
         checks
@@ -104,7 +107,7 @@ impl Health {
     tag = "probes",
     responses(
         (status = 200, description = "Ready", body = Readiness),
-        (status = 503, description = "Not ready: the database does not answer", body = Readiness),
+        (status = 503, description = "Not ready: the database does not answer, or no token signing key is loaded yet", body = Readiness),
     )
 )]
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {

@@ -132,13 +132,15 @@ impl IntoResponse for Problem {
             json,
         )
             .into_response();
-        if let Some(challenge) = self
-            .challenge
-            .and_then(|c| axum::http::HeaderValue::from_str(&c).ok())
-        {
+        if let Some(challenge) = self.challenge {
+            // A challenge that is no header value still says "Bearer".
+            let value = axum::http::HeaderValue::from_str(&challenge).unwrap_or_else(|_| {
+                tracing::error!(challenge, "a WWW-Authenticate challenge is no header value");
+                axum::http::HeaderValue::from_static("Bearer realm=\"shop\"")
+            });
             response
                 .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, challenge);
+                .insert(header::WWW_AUTHENTICATE, value);
         }
         response
     }

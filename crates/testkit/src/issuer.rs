@@ -131,10 +131,21 @@ impl Issuer {
         sign(&self.key, claims)
     }
 
+    /// The kid of the issuer's ES256 key.
+    pub fn es256_kid(&self) -> &str {
+        &self.key.kid
+    }
+
     /// `claims` signed with the demo RSA key (RS256, in the JWKS).
     pub fn sign_rs256(&self, claims: &Value) -> String {
+        self.sign_rs256_as(DEMO_KID, claims)
+    }
+
+    /// `claims` signed with the demo RSA key under `kid` (another key's kid:
+    /// an algorithm that is not the named key's).
+    pub fn sign_rs256_as(&self, kid: &str, claims: &Value) -> String {
         let mut header = Header::new(Algorithm::RS256);
-        header.kid = Some(DEMO_KID.to_owned());
+        header.kid = Some(kid.to_owned());
         let key = EncodingKey::from_rsa_pem(DEMO_SIGNING_KEY.as_bytes()).expect("the demo key");
         jsonwebtoken::encode(&header, claims, &key).expect("sign")
     }

@@ -103,6 +103,35 @@ async fn a_customer_reads_lists_and_cancels_only_its_own_orders_and_orders_only_
         "{problem}"
     );
 
+    // Idempotency keys are each customer's own: Bob's request with the key
+    // Ada used is a new order of his, neither a replay nor a conflict.
+    let keyed = |token: &str, key: &str| {
+        anonymous()
+            .post(&orders)
+            .bearer_auth(token.to_owned())
+            .header("idempotency-key", key.to_owned())
+            .json(&json!({"items": item}))
+            .send()
+    };
+    let ada_keyed = keyed(&ada, "shared-key").await.expect("request");
+    assert_eq!(ada_keyed.status(), StatusCode::ACCEPTED);
+    let ada_first: Value = ada_keyed.json().await.expect("JSON");
+    let bob_keyed = keyed(&bob, "shared-key").await.expect("request");
+    assert_eq!(bob_keyed.status(), StatusCode::ACCEPTED);
+    assert!(bob_keyed.headers().get("idempotent-replayed").is_none());
+    let bob_first: Value = bob_keyed.json().await.expect("JSON");
+    assert_ne!(ada_first["id"], bob_first["id"]);
+    let ada_again: Value = keyed(&ada, "shared-key")
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        ada_again["id"], ada_first["id"],
+        "Ada's key still replays hers"
+    );
+
     // Bob can neither read, nor list, nor cancel Ada's order: each a 404, as
     // for an order that does not exist.
     let (status, _, problem) = call(Method::GET, &order, Some(&bob), None).await;
@@ -126,10 +155,16 @@ async fn a_customer_reads_lists_and_cancels_only_its_own_orders_and_orders_only_
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _, page) = call(Method::GET, &orders, Some(&bob), None).await;
     assert_eq!(status, StatusCode::OK);
+    let customers: Vec<&str> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|o| o["customer_id"].as_str())
+        .collect();
     assert_eq!(
-        page["items"],
-        json!([]),
-        "Bob's list holds only Bob's orders"
+        customers,
+        ["bob"],
+        "Bob's list holds only Bob's order: {page}"
     );
     let before = call(Method::GET, &order, Some(&ada), None).await.2;
     let (status, _, _) = call(Method::POST, &format!("{order}/cancel"), Some(&bob), None).await;
@@ -193,6 +228,15 @@ async fn scopes_guard_stock_writes_and_the_operator_endpoints() {
         challenge.contains("error=\"insufficient_scope\"") && challenge.contains("stock:write"),
         "{challenge}"
     );
+    // Without the scope, the body is not even looked at.
+    let (status, _, problem) = call(
+        Method::PUT,
+        &stock,
+        Some(&ada),
+        Some(json!({"available": "many"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{problem}");
     let (status, _, _) = call(Method::PUT, &stock, Some(&keeper), Some(body)).await;
     assert_eq!(status, StatusCode::OK);
     // Reading stock needs a token, no scope.
@@ -250,6 +294,14 @@ async fn tokens_that_are_not_valid_are_401_with_the_challenge_and_the_probes_nee
             issuer.hs256_with_public_key(&valid),
         ),
         ("unknown kid", issuer.sign_unknown_kid(&valid)),
+        (
+            "RS256 under the kid of the ES256 key",
+            issuer.sign_rs256_as(issuer.es256_kid(), &valid),
+        ),
+        (
+            "a subject padded with white space",
+            issuer.sign_es256(&with(&|c| c["sub"] = json!(" ada"))),
+        ),
         (
             "expired",
             issuer.sign_es256(&with(&|c| c["exp"] = json!(now - 120))),
@@ -350,9 +402,13 @@ async fn every_denial_is_logged_with_the_subject_and_the_trace_id_never_the_toke
     };
     let trace_id = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
     let forged = issuer.forge(&issuer.claims("ada", &[]));
-    for token in [&mallory, &forged] {
+    for (token, path) in [
+        (&mallory, format!("/orders/{id}")),
+        (&forged, format!("/orders/{id}")),
+        (&ada, format!("/orders/{id}/events")),
+    ] {
         let response = anonymous()
-            .get(format!("{}/orders/{id}", stack.order()))
+            .get(format!("{}{path}", stack.order()))
             .bearer_auth(token)
             .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
             .send()
@@ -375,7 +431,7 @@ async fn every_denial_is_logged_with_the_subject_and_the_trace_id_never_the_toke
                 .filter(|l| l.contains("request denied") && l.contains(&trace_id))
                 .map(str::to_owned)
                 .collect();
-            (denials.len() >= 2).then_some((text, denials))
+            (denials.len() >= 3).then_some((text, denials))
         },
     )
     .await;
@@ -388,6 +444,12 @@ async fn every_denial_is_logged_with_the_subject_and_the_trace_id_never_the_toke
     );
     assert!(
         denials.iter().any(|l| l.contains("signature")),
+        "{denials:?}"
+    );
+    assert!(
+        denials
+            .iter()
+            .any(|l| l.contains("ada") && l.contains("lacks the scope ops")),
         "{denials:?}"
     );
     for token in [&ada, &mallory, &forged] {
@@ -426,6 +488,29 @@ async fn the_document_declares_the_bearer_scheme_on_every_api_operation_only() {
                     !open,
                     "{service} {method} {path}"
                 );
+                // And the service does as its document says: without a
+                // token, every secured operation is a 401.
+                let concrete = path
+                    .replace("{id}", "00000000-0000-0000-0000-000000000000")
+                    .replace("{order_id}", "00000000-0000-0000-0000-000000000000")
+                    .replace("{sku}", "AUTH-D");
+                let method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+                let (status, _, _) = call(
+                    method.clone(),
+                    &format!("{}{concrete}", stack.url(service)),
+                    None,
+                    Some(json!({})),
+                )
+                .await;
+                let expected = if open {
+                    StatusCode::OK
+                } else {
+                    StatusCode::UNAUTHORIZED
+                };
+                assert_eq!(
+                    status, expected,
+                    "{service} {method} {path} without a token"
+                );
             }
         }
     }
@@ -450,6 +535,18 @@ async fn with_auth_off_readiness_warns_that_anyone_may_do_anything() {
             .unwrap_or_default()
             .to_owned();
         assert!(detail.contains("AUTH_MODE=off"), "{service}: {ready}");
+        let process = stack
+            .processes
+            .iter()
+            .find(|p| p.name == service)
+            .expect("process");
+        let log = std::fs::read_to_string(&process.log).unwrap_or_default();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains("AUTH_MODE=off")),
+            "{service} warns at startup:\n{}",
+            process.log_tail()
+        );
     }
     stack.stop().await;
 }
@@ -597,27 +694,39 @@ async fn keys_from_a_url_are_fetched_late_rotated_in_and_not_refetched_per_reque
             ]
         })
         .collect();
-    let stack = Stack::start_with(Options {
+    let mut stack = Stack::start_with(Options {
         auth: Some(issuer.clone()),
         env,
-        held_back: vec!["inventory-service", "notification-service"],
+        held_back: e2e::SERVICES.to_vec(),
         ..Options::default()
     })
     .await;
-    let orders = format!("{}/orders", stack.order());
+    // Started without waiting for readiness: it cannot be ready yet.
+    let process = e2e::Process::spawn("order-service", &stack.env_for("order-service"));
+    let base = process.url.clone();
+    stack.processes.push(process);
+    let orders = format!("{base}/orders");
     let rs256 = issuer.sign_rs256(&issuer.claims("ada", &[]));
 
-    // The issuer does not answer: the service runs, says so, answers 503.
-    let (status, _, problem) = call(Method::GET, &orders, Some(&rs256), None).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
-    let (_, _, ready) = call(
-        Method::GET,
-        &format!("{}/readyz", stack.order()),
-        None,
-        None,
+    // The issuer does not answer: the service runs (alive), is not ready and
+    // says why, and answers API requests 503.
+    testkit::wait_until(
+        "the service to answer",
+        std::time::Duration::from_secs(30),
+        || async {
+            anonymous()
+                .get(format!("{base}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        },
     )
     .await;
+    let (status, _, ready) = call(Method::GET, &format!("{base}/readyz"), None, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
     assert!(ready.to_string().contains("no signing keys"), "{ready}");
+    let (status, _, problem) = call(Method::GET, &orders, Some(&rs256), None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
 
     // The issuer answers with the demo key only: loaded by the retry.
     server.serve(Some(testkit::issuer::DEMO_JWKS));
@@ -627,6 +736,16 @@ async fn keys_from_a_url_are_fetched_late_rotated_in_and_not_refetched_per_reque
         || async { call(Method::GET, &orders, Some(&rs256), None).await.0 == StatusCode::OK },
     )
     .await;
+    let (status, _, ready) = call(Method::GET, &format!("{base}/readyz"), None, None).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "ready once the keys are in: {ready}"
+    );
+    assert!(
+        ready.to_string().contains("DEMO key"),
+        "the demo key is flagged: {ready}"
+    );
 
     // A key rotated in is taken when a token first names it.
     let jwks = std::fs::read_to_string(issuer.jwks_file()).expect("the issuer's JWKS");

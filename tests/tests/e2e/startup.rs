@@ -1,4 +1,8 @@
-use std::process::Command;
+use std::{
+    io::Read,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use e2e::{Vhost, binary};
 
@@ -9,19 +13,39 @@ fn run(name: &str, env: &[(&str, String)]) -> (i32, String) {
     run_bare(name, &env)
 }
 
-/// Runs `name` with `env` only (and a free port).
+/// Runs `name` with `env` only (and a free port) until it exits: its exit code
+/// and what it wrote to stderr. One still running after [`EXIT_DEADLINE`]
+/// started when it should not have: it is killed and the test fails.
 fn run_bare(name: &str, env: &[(&str, String)]) -> (i32, String) {
-    let output = Command::new(binary(name))
+    let mut child = Command::new(binary(name))
         .env_clear()
         .env("HTTP_ADDR", "127.0.0.1:0")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let deadline = Instant::now() + EXIT_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} still runs after {EXIT_DEADLINE:?}: it should have refused to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (status.code().unwrap_or(-1), stderr)
 }
+
+/// How long a service that must refuse to start may take to exit.
+const EXIT_DEADLINE: Duration = Duration::from_secs(30);
 
 #[test]
 fn a_service_without_database_url_exits_non_zero_with_one_clear_line() {

@@ -2,7 +2,7 @@
 
 use axum::{
     Json,
-    extract::State,
+    extract::{FromRequest, State},
     response::{IntoResponse, Response},
 };
 use contracts::domain::Sku;
@@ -94,9 +94,11 @@ async fn set(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(raw): ApiPath<String>,
-    ApiJson(body): ApiJson<SetStock>,
+    request: axum::extract::Request,
 ) -> Result<Response, Problem> {
+    // The scope first: without it, nothing of the request is looked at.
     principal.require(STOCK_WRITE)?;
+    let ApiJson(body) = ApiJson::<SetStock>::from_request(request, &()).await?;
     let sku = sku(&raw)?;
     if !(0..=AVAILABLE_MAX).contains(&body.available) {
         return Err(Problem::field(

@@ -43,10 +43,22 @@ pub enum KeySource {
     File(PathBuf),
 }
 
+/// Shown in logs and the unauthenticated `/readyz`: a URL without its user
+/// information, query and fragment (where secrets would be).
 impl std::fmt::Display for KeySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Url(url) => write!(f, "{url}"),
+            Self::Url(url) => match reqwest::Url::parse(url) {
+                Ok(url) => write!(
+                    f,
+                    "{}://{}{}{}",
+                    url.scheme(),
+                    url.host_str().unwrap_or_default(),
+                    url.port().map(|p| format!(":{p}")).unwrap_or_default(),
+                    url.path()
+                ),
+                Err(_) => f.write_str("<invalid URL>"),
+            },
             Self::File(path) => write!(f, "{}", path.display()),
         }
     }
@@ -95,12 +107,7 @@ fn jwt(env: &impl Env) -> Result<JwtConfig, ConfigError> {
             });
         }
         (Some(url), None) => {
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
-                return Err(ConfigError::Invalid {
-                    name: "AUTH_JWKS_URL",
-                    reason: format!("'{url}' is not an http(s) URL"),
-                });
-            }
+            check_url(&url)?;
             KeySource::Url(url)
         }
         (None, Some(file)) => KeySource::File(PathBuf::from(file)),
@@ -111,6 +118,32 @@ fn jwt(env: &impl Env) -> Result<JwtConfig, ConfigError> {
         issuer: issuer.unwrap_or_default(),
         audience: audience.unwrap_or_default(),
     })
+}
+
+/// An `https://` URL, or `http://` to this host only: keys fetched in the
+/// clear could be replaced on the way.
+fn check_url(raw: &str) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        name: "AUTH_JWKS_URL",
+        reason,
+    };
+    let url = reqwest::Url::parse(raw).map_err(|e| invalid(format!("not a URL: {e}")))?;
+    let loopback = match url.host_str() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(invalid(
+            "http:// only to this host (localhost); keys from elsewhere need https://".into(),
+        )),
+        other => Err(invalid(format!("{other}:// is not http(s)"))),
+    }
 }
 
 #[cfg(test)]
@@ -181,5 +214,19 @@ mod tests {
             ("AUTH_AUDIENCE", "a"),
         ]));
         assert!(not_a_url.unwrap_err().to_string().contains("AUTH_JWKS_URL"));
+        let jwt = |url: &str| {
+            AuthConfig::from_env(&env(&[
+                ("AUTH_JWKS_URL", url),
+                ("AUTH_ISSUER", "i"),
+                ("AUTH_AUDIENCE", "a"),
+            ]))
+        };
+        assert!(jwt("https://id.example/jwks").is_ok());
+        assert!(jwt("http://127.0.0.1:9000/jwks").is_ok());
+        assert!(jwt("http://localhost/jwks").is_ok());
+        assert!(jwt("http://id.example/jwks").is_err(), "keys in the clear");
+        assert!(jwt("ftp://id.example/jwks").is_err());
+        let source = KeySource::Url("https://u:secret@id.example:8443/jwks?token=secret#x".into());
+        assert_eq!(source.to_string(), "https://id.example:8443/jwks");
     }
 }

@@ -30,6 +30,10 @@ pub const UNKNOWN_KID_PAUSE: Duration = Duration::from_secs(30);
 const MAX_JWKS_BYTES: usize = 1 << 20;
 /// Smallest RSA modulus accepted, in bytes (2048 bits).
 const MIN_RSA_BYTES: usize = 256;
+/// Largest RSA modulus accepted, in bytes (4096 bits: the verifier refuses more).
+const MAX_RSA_BYTES: usize = 512;
+/// The kid of the public demo key (deploy/auth): trusting it is worth a warning.
+pub const DEMO_KID: &str = "shop-demo-1";
 
 /// A usable key: its verifier and the one algorithm it is for.
 #[derive(Debug)]
@@ -105,6 +109,9 @@ fn usable(raw: serde_json::Value) -> Result<(String, Key), String> {
             if bits < MIN_RSA_BYTES {
                 return Err(format!("{kid}: RSA key shorter than 2048 bits"));
             }
+            if bits > MAX_RSA_BYTES {
+                return Err(format!("{kid}: RSA key longer than 4096 bits"));
+            }
             Algorithm::RS256
         }
         (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
@@ -154,8 +161,10 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(source: KeySource) -> Self {
+        // A redirect could lead the fetch to keys of someone else's choosing.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
         Self {
@@ -172,7 +181,11 @@ impl Keys {
 
     /// The keys of the last successful load.
     pub fn current(&self) -> Option<Arc<KeySet>> {
-        self.state.read().ok().and_then(|s| s.set.clone())
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .set
+            .clone()
     }
 
     /// Loads the keys again; on failure the previous keys stay in use.
@@ -186,6 +199,12 @@ impl Keys {
                     tracing::warn!(source = %self.source, reason, "JWKS key skipped");
                 }
                 let count = set.len();
+                if set.get(DEMO_KID).is_some() {
+                    tracing::warn!(
+                        source = %self.source,
+                        "the JWKS holds the public DEMO key {DEMO_KID} (deploy/auth): anyone can mint tokens this service accepts"
+                    );
+                }
                 state.set = Some(Arc::new(set));
                 state.loaded_at = Some(Instant::now());
                 state.error = None;
@@ -200,19 +219,25 @@ impl Keys {
     }
 
     /// Reloads for a `kid` not in the current set, unless that was done within
-    /// [`UNKNOWN_KID_PAUSE`] (a flood of made-up kids must not hammer the issuer).
+    /// [`UNKNOWN_KID_PAUSE`] (a flood of made-up kids must not hammer the issuer);
+    /// then it waits for a load still running, so a request that arrives
+    /// during the reload of a rotated key gets the new keys.
     pub async fn reload_for_unknown_kid(&self) -> Option<Arc<KeySet>> {
-        {
+        let reload = {
             let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-            if state
+            let recent = state
                 .kid_reload
-                .is_some_and(|at| at.elapsed() < UNKNOWN_KID_PAUSE)
-            {
-                return state.set.clone();
+                .is_some_and(|at| at.elapsed() < UNKNOWN_KID_PAUSE);
+            if !recent {
+                state.kid_reload = Some(Instant::now());
             }
-            state.kid_reload = Some(Instant::now());
+            !recent
+        };
+        if reload {
+            let _ = self.refresh().await;
+        } else {
+            drop(self.loading.lock().await);
         }
-        let _ = self.refresh().await;
         self.current()
     }
 
@@ -227,6 +252,11 @@ impl Keys {
                     set.len(),
                     self.source
                 );
+                if set.get(DEMO_KID).is_some() {
+                    text.push_str(&format!(
+                        "; WARNING: the public DEMO key {DEMO_KID} is trusted (deploy/auth/README.md)"
+                    ));
+                }
                 if let Some(error) = error {
                     text.push_str(&format!("; the last reload failed: {error}"));
                 }
@@ -262,18 +292,25 @@ impl Keys {
                     .get(url)
                     .send()
                     .await
-                    .map_err(|e| format!("GET {url}: {e}"))?;
+                    .map_err(|e| format!("GET {}: {}", self.source, e.without_url()))?;
                 if !response.status().is_success() {
-                    return Err(format!("GET {url}: {}", response.status()));
+                    return Err(format!("GET {}: {}", self.source, response.status()));
+                }
+                if response
+                    .content_length()
+                    .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+                {
+                    return Err(format!("GET {}: larger than 1 MiB", self.source));
                 }
                 let bytes = response
                     .bytes()
                     .await
-                    .map_err(|e| format!("GET {url}: {e}"))?;
+                    .map_err(|e| format!("GET {}: {}", self.source, e.without_url()))?;
                 if bytes.len() > MAX_JWKS_BYTES {
-                    return Err(format!("GET {url}: larger than 1 MiB"));
+                    return Err(format!("GET {}: larger than 1 MiB", self.source));
                 }
-                String::from_utf8(bytes.to_vec()).map_err(|_| format!("GET {url}: not UTF-8"))?
+                String::from_utf8(bytes.to_vec())
+                    .map_err(|_| format!("GET {}: not UTF-8", self.source))?
             }
         };
         let (set, skipped) = KeySet::parse(&text)?;

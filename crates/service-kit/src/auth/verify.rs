@@ -88,9 +88,12 @@ pub async fn verify(keys: &Keys, config: &JwtConfig, token: &str) -> Result<Prin
     let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
         .map_err(|e| Denied::Invalid(reason(e.kind()).into()))?;
     let subject = data.claims.sub;
-    if subject.is_empty() || subject.chars().any(char::is_control) {
+    // The subject is compared as it is (a customer's orders are its own):
+    // white space around it or control characters would make one customer
+    // two, so such a token is refused.
+    if subject.is_empty() || subject.trim() != subject || subject.chars().any(char::is_control) {
         return Err(Denied::Invalid(
-            "the subject (sub) is empty or not text".into(),
+            "the subject (sub) is empty, padded with white space or not text".into(),
         ));
     }
     let scopes = data

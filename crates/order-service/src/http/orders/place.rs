@@ -94,7 +94,13 @@ pub(super) async fn place(
     headers: HeaderMap,
     ApiJson(mut body): ApiJson<PlaceOrder>,
 ) -> Result<Response, Problem> {
-    let key = idempotency_key(&headers)?;
+    // A customer's keys are its own: another customer using the same key
+    // neither replays nor blocks them (a header key holds no control
+    // character, so the separator cannot be forged).
+    let key = idempotency_key(&headers)?.map(|key| match principal.customer() {
+        Some(me) => format!("{me}\u{1f}{key}"),
+        None => key,
+    });
     on_own_behalf(&principal, &mut body)?;
     let order = NewOrder::parse(body).map_err(Problem::invalid)?;
     if let Err(shed) = state.admission.admit() {

@@ -63,7 +63,7 @@ pub const BEARER: &str = "bearer";
 /// security scheme, the requirement, and a 401 answer with its challenge.
 pub fn require_bearer(api: &mut OpenApi) {
     use utoipa::openapi::{
-        ContentBuilder, HttpMethod, Ref, ResponseBuilder, Type,
+        ContentBuilder, Ref, ResponseBuilder, Type,
         header::HeaderBuilder,
         schema::ObjectBuilder,
         security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme},
@@ -100,21 +100,14 @@ pub fn require_bearer(api: &mut OpenApi) {
         )
         .build();
     for item in api.paths.paths.values_mut() {
-        for method in [
-            HttpMethod::Get,
-            HttpMethod::Put,
-            HttpMethod::Post,
-            HttpMethod::Delete,
-            HttpMethod::Patch,
-        ] {
-            let operation = match method {
-                HttpMethod::Get => item.get.as_mut(),
-                HttpMethod::Put => item.put.as_mut(),
-                HttpMethod::Post => item.post.as_mut(),
-                HttpMethod::Delete => item.delete.as_mut(),
-                _ => item.patch.as_mut(),
-            };
-            let Some(operation) = operation else { continue };
+        let operations = [
+            item.get.as_mut(),
+            item.put.as_mut(),
+            item.post.as_mut(),
+            item.delete.as_mut(),
+            item.patch.as_mut(),
+        ];
+        for operation in operations.into_iter().flatten() {
             operation.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
             operation
                 .responses

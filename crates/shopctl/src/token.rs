@@ -16,10 +16,7 @@ use crate::{Error, cli::Cli};
 /// Where `shopctl token` finds a key when neither `--key` nor
 /// `AUTH_SIGNING_KEY_FILE` says.
 pub const DEMO_KEY: &str = "deploy/auth/demo-signing-key.pem";
-/// The demo issuer's settings (deploy/auth/README.md).
-pub const DEMO_KID: &str = "shop-demo-1";
-pub const DEMO_ISSUER: &str = "shop-demo";
-pub const DEMO_AUDIENCE: &str = "shop";
+pub use service_kit::auth::{DEMO_AUDIENCE, DEMO_ISSUER, DEMO_KID};
 /// Scopes of the token shopctl mints for its own calls.
 const OPERATOR_SCOPES: &[&str] = &["ops", "stock:write"];
 

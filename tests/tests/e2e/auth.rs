@@ -49,6 +49,16 @@ async fn call(
     (status, headers, body)
 }
 
+/// `field` of each item of a page (`{"items": [...]}`).
+fn of_items<'a>(page: &'a Value, field: &str) -> Vec<&'a str> {
+    page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|o| o[field].as_str())
+        .collect()
+}
+
 fn challenge(headers: &reqwest::header::HeaderMap) -> String {
     headers
         .get("www-authenticate")
@@ -155,12 +165,7 @@ async fn a_customer_reads_lists_and_cancels_only_its_own_orders_and_orders_only_
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _, page) = call(Method::GET, &orders, Some(&bob), None).await;
     assert_eq!(status, StatusCode::OK);
-    let customers: Vec<&str> = page["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .filter_map(|o| o["customer_id"].as_str())
-        .collect();
+    let customers = of_items(&page, "customer_id");
     assert_eq!(
         customers,
         ["bob"],
@@ -183,12 +188,7 @@ async fn a_customer_reads_lists_and_cancels_only_its_own_orders_and_orders_only_
     // Ada lists and cancels her own; an operator sees every order.
     let (status, _, page) = call(Method::GET, &orders, Some(&ada), None).await;
     assert_eq!(status, StatusCode::OK);
-    let ids: Vec<&str> = page["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .filter_map(|o| o["id"].as_str())
-        .collect();
+    let ids = of_items(&page, "id");
     assert!(ids.contains(&id.as_str()), "{page}");
     let (status, _, answer) =
         call(Method::POST, &format!("{order}/cancel"), Some(&ada), None).await;

@@ -148,16 +148,8 @@ fn check_url(raw: &str) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use crate::config::from_pairs as env;
 
     #[test]
     fn unset_means_jwt_and_names_every_missing_variable() {

@@ -32,8 +32,11 @@ const MAX_JWKS_BYTES: usize = 1 << 20;
 const MIN_RSA_BYTES: usize = 256;
 /// Largest RSA modulus accepted, in bytes (4096 bits: the verifier refuses more).
 const MAX_RSA_BYTES: usize = 512;
-/// The kid of the public demo key (deploy/auth): trusting it is worth a warning.
+/// The public demo issuer (deploy/auth/README.md): its key's kid (trusting it
+/// is worth a warning), its `iss` and `aud`.
 pub const DEMO_KID: &str = "shop-demo-1";
+pub const DEMO_ISSUER: &str = "shop-demo";
+pub const DEMO_AUDIENCE: &str = "shop";
 
 /// A usable key: its verifier and the one algorithm it is for.
 #[derive(Debug)]
@@ -339,7 +342,7 @@ mod tests {
         let (set, skipped) = KeySet::parse(DEMO).expect("the demo JWKS");
         assert_eq!(set.len(), 1);
         assert_eq!(
-            set.get("shop-demo-1").map(|k| k.algorithm),
+            set.get(DEMO_KID).map(|k| k.algorithm),
             Some(Algorithm::RS256)
         );
         assert!(skipped.is_empty());

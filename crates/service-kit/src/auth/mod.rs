@@ -27,7 +27,7 @@ use axum::{
 use tokio_util::sync::CancellationToken;
 
 pub use config::{AuthConfig, JwtConfig, KeySource, VARIABLES};
-pub use keys::{KeySet, Keys};
+pub use keys::{DEMO_AUDIENCE, DEMO_ISSUER, DEMO_KID, KeySet, Keys};
 pub use verify::{Denied, LEEWAY};
 
 use crate::problem::Problem;

@@ -24,6 +24,15 @@ impl Env for std::collections::HashMap<String, String> {
     }
 }
 
+/// An environment of these pairs (for tests).
+#[cfg(test)]
+pub(crate) fn from_pairs(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
 /// A set, non-empty variable.
 pub fn required(env: &impl Env, name: &'static str) -> Result<String, ConfigError> {
     optional(env, name).ok_or(ConfigError::Missing(name))

@@ -13,6 +13,8 @@ mod secrets;
 mod values;
 
 pub use common::{COMMON_VARIABLES, Common, PLATFORM_VARIABLES};
+#[cfg(test)]
+pub(crate) use env::from_pairs;
 pub use env::{Env, ProcessEnv, crash_point_supported, optional, required};
 pub use recording::{RecordingEnv, assert_reads_exactly};
 pub use secrets::{Secret, amqp, database_url, secret};

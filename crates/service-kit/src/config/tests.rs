@@ -8,12 +8,7 @@ use super::{
     required, retry_policy,
 };
 
-fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
+use super::from_pairs as env;
 
 #[test]
 fn a_missing_variable_is_named() {
